@@ -1,0 +1,138 @@
+"""Plumbing shared by the kernel files: optional Triton import, launch checks, input checks.
+
+Triton is optional: without it this package still imports and every ``*_reference`` function
+works; only launching a Triton kernel raises (``require_triton``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # reference paths keep working; require_triton() raises on launch
+    triton = None
+
+    class tl:  # noqa: N801 - stands in for triton.language so kernel signatures still parse
+        constexpr = None
+
+
+HAS_TRITON = triton is not None
+
+# Without triton, ``jit`` leaves kernels as plain functions; they are never launched, because
+# require_triton() raises first.
+jit = triton.jit if HAS_TRITON else (lambda fn: fn)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` was built by the Triton interpreter.
+
+    ``@triton.jit`` reads TRITON_INTERPRET when the decorator runs, i.e. when this package is
+    imported, so setting the variable later has no effect on already-defined kernels.
+    """
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def require_triton(kernel, device: torch.device, what: str, reference: str) -> None:
+    """Raise a clear RuntimeError if ``kernel`` cannot run on ``device``."""
+    if not HAS_TRITON:
+        raise RuntimeError(
+            f"{what} needs the 'triton' package, which is not installed: "
+            f"`pip install triton` (it ships with CUDA builds of torch) or use {reference}."
+        )
+    if device.type != "cuda" and not is_interpreted(kernel):
+        raise RuntimeError(
+            f"{what} runs Triton kernels, which need CUDA tensors; got tensors on {device}. "
+            "To run them on CPU (slowly, for tests) set TRITON_INTERPRET=1 in the environment "
+            f"before scalejepa.kernels is imported, or use {reference} (plain PyTorch)."
+        )
+
+
+def autotune_enabled() -> bool:
+    """GPU autotuning is on unless SCALEJEPA_AUTOTUNE=0 (then the first config of each list runs)."""
+    return os.environ.get("SCALEJEPA_AUTOTUNE", "1") != "0"
+
+
+# Debug aid for tests: when True, launchers fill outputs the kernels must overwrite with NaN
+# (float) or -1 (int) instead of leaving them uninitialised, so an unwritten element shows.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer that a kernel fully overwrites (poisoned under POISON_OUTPUTS)."""
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- input checks
+def check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)} ({t.ndim}-D)")
+
+
+def check_float_dtype(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "",
+                      allowed: tuple = FLOAT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} must be one of {names}; got {t.dtype}; cast it with .to(...)")
+    if like is not None and t.dtype != like.dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; cast both to one dtype "
+            f"(e.g. {name}.to({like_name}.dtype))"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}; move them with .to(device)")
+
+
+def check_index_tensor(name: str, t, dtype: torch.dtype) -> None:
+    """A 1-D integer tensor of exactly ``dtype`` (int32 offsets, int64 indices)."""
+    check_tensor(name, t)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}; convert it with {name}.to({dtype})")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+
+
+def check_cu_seqlens_meta(name: str, cu: torch.Tensor) -> None:
+    """Metadata checks of a cumulative-offsets tensor (no host sync)."""
+    check_index_tensor(name, cu, torch.int32)
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must hold at least one element (0 for an empty batch), got none")
+
+
+def check_cu_seqlens_values(name: str, cu: list[int], total: int, total_name: str) -> list[int]:
+    """Value checks of offsets already copied to the host; returns the sequence lengths."""
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {cu[0]}; prepend a 0 (offsets are cumulative)")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(
+                f"{name} must be non-decreasing, but {name}[{i + 1}]={cu[i + 1]} < {name}[{i}]={cu[i]}; "
+                "build it as a cumulative sum of non-negative lengths"
+            )
+    if cu[-1] != total:
+        raise ValueError(
+            f"{name}[-1] must equal {total_name} ({total}), got {cu[-1]}; the offsets and the packed "
+            "tensor disagree"
+        )
+    return lengths
+
+
+def sequence_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """For each of ``total`` packed rows, the index of the sequence it belongs to (int64, no host sync)."""
+    rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    return torch.searchsorted(cu[1:], rows, right=True)

@@ -1,0 +1,516 @@
+"""Fused token gathers for packed I-JEPA batches: context-token gather and the predictor's input.
+
+``gather_tokens``: ``out[t] = x[b(t), token_idx[t]] (+ pos_embed[token_idx[t]])`` where row ``t``
+belongs to image ``b(t)`` through ``cu_seqlens``. Used to pick each image's context patches
+(after, or fused with, adding position embeddings). One Triton program per (image, column
+block) walks that image's rows, so no per-row image id is materialised.
+Backward stores the gradient rows into a zero-filled ``grad_x`` with plain (non-atomic)
+stores, which requires the patch indices of an image to be distinct in that case (checked when
+``validate=True``, the default, and the gradient will be needed); the forward alone accepts
+repeats (e.g. overlapping target blocks under ``no_grad``). ``grad_pos_embed`` (only when
+``pos_embed`` requires grad; I-JEPA's sin-cos table does not) is accumulated with float32
+atomics, so its summation order is not deterministic.
+
+``build_predictor_input``: the packed predictor input of I-JEPA in one kernel. Sequence
+``s = m * B + b`` (target block ``m`` of image ``b``) is
+``[ctx rows of image b + pos_embed[ctx_idx] ; mask_token + pos_embed[tgt_idx rows of s]]``.
+Where sequence ``s`` starts needs no prefix sum:
+``cu_out[s] = (s // B) * T_ctx + cu_ctx[s % B] + cu_tgt[s]`` (all earlier target-block rounds
+hold every context row once; within the round come images ``< b`` and targets ``< s``). The
+forward kernel writes ``cu_out`` itself, on the device: no host sync; the total
+``M * T_ctx + T_tgt`` comes from shapes. Backward, one program per (image, column block):
+``grad_ctx`` sums the M copies of each row (a gather-sum, no atomics, deterministic);
+``grad_mask_token`` sums every mask row, through per-image float32 partial sums reduced by
+torch (deterministic); ``grad_pos_embed`` (only if required) uses float32 atomics.
+Both are memory-bound copies; the fused kernel saves the reference's intermediate tables and
+index tensors (about 10 small launches). Whether that pays off on a GPU is for
+``benchmarks/`` to show; the reference is the plain-PyTorch path.
+
+Host syncs: ``validate=True`` copies the offsets and a few index statistics to the host in
+one ``.tolist()``; ``validate=False`` skips it (bad indices then read/write out of bounds).
+Dtypes: float32/bfloat16/float16, additions done in float32 and rounded once; ``x``,
+``pos_embed`` (and ``ctx``, ``mask_token``) must share one dtype.
+
+Custom ops: ``scalejepa::gather_tokens_fwd`` / ``_bwd`` and
+``scalejepa::build_predictor_input_fwd`` / ``_bwd``, with fake implementations and autograd.
+"""
+
+from typing import Optional
+
+import torch
+
+from ._common import (
+    check_cu_seqlens_meta,
+    check_cu_seqlens_values,
+    check_float_dtype,
+    check_index_tensor,
+    check_same_device,
+    check_tensor,
+    is_interpreted,
+    jit,
+    new_output,
+    require_triton,
+    sequence_ids,
+    tl,
+    triton,
+)
+
+__all__ = ["gather_tokens", "gather_tokens_reference", "build_predictor_input", "build_predictor_input_reference"]
+
+_INT32_MAX = 2**31 - 1
+
+
+# ============================================================================ Triton kernels
+@jit
+def _gather_fwd_kernel(X, IDX, CU, POS, OUT, stride_xb, stride_xn, stride_pn, stride_ot, dim,
+                       HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    image = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    start = tl.load(CU + image)
+    end = tl.load(CU + image + 1)
+    x_base = X + image.to(tl.int64) * stride_xb
+    for r0 in range(start, end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        idx = tl.load(IDX + rows, mask=rows < end, other=0)
+        val = tl.load(x_base + idx[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_POS:
+            val += tl.load(POS + idx[:, None] * stride_pn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + rows.to(tl.int64)[:, None] * stride_ot + cols[None, :], val.to(OUT.dtype.element_ty), mask=ok)
+
+
+@jit
+def _gather_bwd_kernel(GOUT, IDX, CU, GX, GPOS, stride_gt, stride_xb, stride_xn, stride_pn, dim,
+                       POS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    image = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    start = tl.load(CU + image)
+    end = tl.load(CU + image + 1)
+    gx_base = GX + image.to(tl.int64) * stride_xb
+    for r0 in range(start, end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        idx = tl.load(IDX + rows, mask=rows < end, other=0)
+        g = tl.load(GOUT + rows.to(tl.int64)[:, None] * stride_gt + cols[None, :], mask=ok, other=0.0)
+        # Plain store: indices are distinct within an image (checked by the launcher).
+        tl.store(gx_base + idx[:, None] * stride_xn + cols[None, :], g, mask=ok)
+        if POS_GRAD:  # the same patch index repeats across images: accumulate atomically
+            tl.atomic_add(GPOS + idx[:, None] * stride_pn + cols[None, :], g.to(tl.float32), mask=ok)
+
+
+@jit
+def _predictor_fwd_kernel(CTX, CTX_IDX, CU_CTX, TGT_IDX, CU_TGT, MASK, POS, OUT, CU_OUT,
+                          num_images, total_ctx, total_tgt, num_seqs, stride_ct, stride_pn, stride_ot, dim,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    seq = tl.program_id(0)  # seq = block * num_images + image
+    image = seq % num_images
+    block = seq // num_images
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    ctx_start = tl.load(CU_CTX + image)
+    ctx_end = tl.load(CU_CTX + image + 1)
+    tgt_start = tl.load(CU_TGT + seq)
+    tgt_end = tl.load(CU_TGT + seq + 1)
+    # Row numbers fit in int32 (the launcher checks the total); addresses are formed in int64.
+    out_start = block * total_ctx + ctx_start + tgt_start
+    if tl.program_id(1) == 0:
+        tl.store(CU_OUT + seq, out_start)
+        if seq == num_seqs - 1:
+            tl.store(CU_OUT + num_seqs, (block + 1) * total_ctx + total_tgt)
+
+    for r0 in range(ctx_start, ctx_end, BLOCK_T):  # context rows, each + its position embedding
+        rows = r0 + tl.arange(0, BLOCK_T)
+        ok = (rows < ctx_end)[:, None] & col_ok[None, :]
+        idx = tl.load(CTX_IDX + rows, mask=rows < ctx_end, other=0)
+        val = tl.load(CTX + rows.to(tl.int64)[:, None] * stride_ct + cols[None, :], mask=ok, other=0.0)
+        val = val.to(tl.float32) + tl.load(POS + idx[:, None] * stride_pn + cols[None, :], mask=ok, other=0.0)
+        dst = (out_start + (rows - ctx_start)).to(tl.int64)
+        tl.store(OUT + dst[:, None] * stride_ot + cols[None, :], val.to(OUT.dtype.element_ty), mask=ok)
+
+    mask_token = tl.load(MASK + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mask_start = out_start + (ctx_end - ctx_start)
+    for r0 in range(tgt_start, tgt_end, BLOCK_T):  # mask token + target position embedding
+        rows = r0 + tl.arange(0, BLOCK_T)
+        ok = (rows < tgt_end)[:, None] & col_ok[None, :]
+        idx = tl.load(TGT_IDX + rows, mask=rows < tgt_end, other=0)
+        val = mask_token[None, :] + tl.load(POS + idx[:, None] * stride_pn + cols[None, :], mask=ok, other=0.0)
+        dst = (mask_start + (rows - tgt_start)).to(tl.int64)
+        tl.store(OUT + dst[:, None] * stride_ot + cols[None, :], val.to(OUT.dtype.element_ty), mask=ok)
+
+
+@jit
+def _predictor_bwd_kernel(GOUT, CTX_IDX, CU_CTX, TGT_IDX, CU_TGT, GCTX, GMASK_PARTIAL, GPOS,
+                          num_images, num_blocks, total_ctx, stride_gt, stride_ct, stride_mb, stride_pn, dim,
+                          POS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    image = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    ctx_start = tl.load(CU_CTX + image)
+    ctx_end = tl.load(CU_CTX + image + 1)
+
+    # grad ctx[r] = sum over the M copies of row r (copy m sits at m*T_ctx + cu_tgt[m*B+b] + r).
+    for r0 in range(ctx_start, ctx_end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        ok = (rows < ctx_end)[:, None] & col_ok[None, :]
+        g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for block in range(0, num_blocks):
+            shift = block * total_ctx + tl.load(CU_TGT + block * num_images + image)
+            g += tl.load(GOUT + (shift + rows).to(tl.int64)[:, None] * stride_gt + cols[None, :], mask=ok, other=0.0)
+        tl.store(GCTX + rows.to(tl.int64)[:, None] * stride_ct + cols[None, :], g.to(GCTX.dtype.element_ty), mask=ok)
+        if POS_GRAD:
+            idx = tl.load(CTX_IDX + rows, mask=rows < ctx_end, other=0)
+            tl.atomic_add(GPOS + idx[:, None] * stride_pn + cols[None, :], g, mask=ok)
+
+    # grad mask_token: this image's share of the sum over all mask rows (reduced by torch).
+    g_mask = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for block in range(0, num_blocks):
+        seq = block * num_images + image
+        tgt_start = tl.load(CU_TGT + seq)
+        tgt_end = tl.load(CU_TGT + seq + 1)
+        mask_start = block * total_ctx + ctx_end  # cu_out[seq] + ctx length - tgt_start; fits int32
+        for r0 in range(tgt_start, tgt_end, BLOCK_T):
+            rows = r0 + tl.arange(0, BLOCK_T)
+            ok = (rows < tgt_end)[:, None] & col_ok[None, :]
+            g = tl.load(GOUT + (mask_start + rows).to(tl.int64)[:, None] * stride_gt + cols[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            g_mask += tl.sum(g, axis=0)
+            if POS_GRAD:
+                idx = tl.load(TGT_IDX + rows, mask=rows < tgt_end, other=0)
+                tl.atomic_add(GPOS + idx[:, None] * stride_pn + cols[None, :], g, mask=ok)
+    tl.store(GMASK_PARTIAL + image * stride_mb + cols, g_mask, mask=col_ok)
+
+
+# ============================================================================ launch configs
+def _blocks(dim: int, interpreted: bool) -> dict:
+    """Row/column tiles. Memory-bound copies: 32 rows x up to 256 columns per step on a GPU;
+    under the interpreter fewer, wider steps are faster."""
+    if interpreted:
+        return {"BLOCK_T": 64, "BLOCK_D": max(16, min(128, triton.next_power_of_2(dim)))}
+    return {"BLOCK_T": 32, "BLOCK_D": max(16, min(256, triton.next_power_of_2(dim))), "num_warps": 4}
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ============================================================================ gather_tokens
+def _check_gather_inputs(x, token_idx, cu_seqlens, pos_embed) -> None:
+    check_tensor("x", x, ndim=3)
+    check_float_dtype("x", x)
+    check_index_tensor("token_idx", token_idx, torch.int64)
+    check_cu_seqlens_meta("cu_seqlens", cu_seqlens)
+    if cu_seqlens.numel() != x.shape[0] + 1:
+        raise ValueError(
+            f"cu_seqlens must have x.shape[0] + 1 = {x.shape[0] + 1} elements (one offset per image plus "
+            f"the total), got {cu_seqlens.numel()}"
+        )
+    tensors = {"x": x, "token_idx": token_idx, "cu_seqlens": cu_seqlens}
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed, ndim=2)
+        check_float_dtype("pos_embed", pos_embed, x, "x")
+        if pos_embed.shape != x.shape[1:]:
+            raise ValueError(f"pos_embed must have shape (N, D) = {tuple(x.shape[1:])}, got {tuple(pos_embed.shape)}")
+        tensors["pos_embed"] = pos_embed
+    check_same_device(**tensors)
+
+
+def _check_gather_values(x, token_idx, cu_seqlens, need_distinct: bool) -> None:
+    """Offsets, index range and (if backward will run) distinct indices per image; one host copy."""
+    num_images, num_patches, _ = x.shape
+    total = token_idx.numel()
+    stats = torch.zeros(3, dtype=torch.int64, device=token_idx.device)
+    if total:
+        stats[0], stats[1] = token_idx.min(), token_idx.max()
+        if need_distinct and total > 1:
+            key = torch.sort(sequence_ids(cu_seqlens, total) * num_patches + token_idx).values
+            stats[2] = (key[1:] == key[:-1]).sum()
+    host = torch.cat([cu_seqlens.long(), stats]).tolist()
+    cu, (lo, hi, repeats) = host[:-3], host[-3:]
+    lengths = check_cu_seqlens_values("cu_seqlens", cu, total, "token_idx.numel()")
+    if max(lengths, default=0) > num_patches:
+        raise ValueError(f"an image keeps {max(lengths)} tokens but has only N={num_patches} patches; "
+                         "cu_seqlens does not match x")
+    if total and (lo < 0 or hi >= num_patches):
+        raise ValueError(f"token_idx values must be in [0, N={num_patches}), got range [{lo}, {hi}]")
+    if repeats:
+        raise ValueError(
+            f"token_idx repeats a patch index within an image ({repeats} repeats); gather_tokens' backward "
+            "needs distinct indices per image: deduplicate them, gather under torch.no_grad(), or use "
+            "gather_tokens_reference"
+        )
+
+
+def _gather_forward(x, token_idx, cu_seqlens, pos_embed, validate: bool, need_distinct: bool):
+    require_triton(_gather_fwd_kernel, x.device, "gather_tokens", "gather_tokens_reference")
+    if validate:
+        _check_gather_values(x, token_idx, cu_seqlens, need_distinct)
+    num_images, _, dim = x.shape
+    out = new_output((token_idx.numel(), dim), x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    x = _contig(x)
+    pos = _contig(pos_embed) if pos_embed is not None else x  # dummy pointer when HAS_POS=False
+    meta = _blocks(dim, is_interpreted(_gather_fwd_kernel))
+    _gather_fwd_kernel[(num_images, triton.cdiv(dim, meta["BLOCK_D"]))](
+        x, token_idx, cu_seqlens, pos, out, x.stride(0), x.stride(1), pos.stride(0), out.stride(0), dim,
+        HAS_POS=pos_embed is not None, **meta)
+    return out
+
+
+def _gather_backward(grad_out, token_idx, cu_seqlens, num_patches: int, pos_grad: bool):
+    require_triton(_gather_bwd_kernel, grad_out.device, "gather_tokens backward", "gather_tokens_reference")
+    num_images = cu_seqlens.numel() - 1
+    dim = grad_out.shape[1]
+    grad_x = torch.zeros((num_images, num_patches, dim), dtype=grad_out.dtype, device=grad_out.device)
+    grad_pos32 = torch.zeros((num_patches, dim) if pos_grad else (0,), dtype=torch.float32, device=grad_out.device)
+    if grad_out.numel():
+        grad_out = _contig(grad_out)
+        meta = _blocks(dim, is_interpreted(_gather_bwd_kernel))
+        _gather_bwd_kernel[(num_images, triton.cdiv(dim, meta["BLOCK_D"]))](
+            grad_out, token_idx, cu_seqlens, grad_x, grad_pos32 if pos_grad else grad_x, grad_out.stride(0),
+            grad_x.stride(0), grad_x.stride(1), dim, dim, POS_GRAD=pos_grad, **meta)
+    return grad_x, grad_pos32.to(grad_out.dtype)
+
+
+@torch.library.custom_op("scalejepa::gather_tokens_fwd", mutates_args=())
+def _gather_tokens_fwd(x: torch.Tensor, token_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+                       pos_embed: Optional[torch.Tensor], validate: bool, need_distinct: bool) -> torch.Tensor:
+    return _gather_forward(x, token_idx, cu_seqlens, pos_embed, validate, need_distinct)
+
+
+@_gather_tokens_fwd.register_fake
+def _(x, token_idx, cu_seqlens, pos_embed, validate, need_distinct):
+    return x.new_empty((token_idx.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op("scalejepa::gather_tokens_bwd", mutates_args=())
+def _gather_tokens_bwd(grad_out: torch.Tensor, token_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+                       num_patches: int, pos_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gather_backward(grad_out, token_idx, cu_seqlens, num_patches, pos_grad)
+
+
+@_gather_tokens_bwd.register_fake
+def _(grad_out, token_idx, cu_seqlens, num_patches, pos_grad):
+    dim = grad_out.shape[1]
+    grad_pos_shape = (num_patches, dim) if pos_grad else (0,)
+    return grad_out.new_empty((cu_seqlens.shape[0] - 1, num_patches, dim)), grad_out.new_empty(grad_pos_shape)
+
+
+def _gather_setup_context(ctx, inputs, output):
+    x, token_idx, cu_seqlens, pos_embed, _, _ = inputs
+    ctx.save_for_backward(token_idx, cu_seqlens)
+    ctx.num_patches = x.shape[1]
+
+
+def _gather_backward_rule(ctx, grad_out):
+    token_idx, cu_seqlens = ctx.saved_tensors
+    pos_grad = ctx.needs_input_grad[3]
+    grad_x, grad_pos = _gather_tokens_bwd(grad_out, token_idx, cu_seqlens, ctx.num_patches, pos_grad)
+    return grad_x, None, None, grad_pos if pos_grad else None, None, None
+
+
+_gather_tokens_fwd.register_autograd(_gather_backward_rule, setup_context=_gather_setup_context)
+
+
+def gather_tokens(x: torch.Tensor, token_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+                  pos_embed: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
+    """Packed gather ``out[t] = x[b(t), token_idx[t]] (+ pos_embed[token_idx[t]])`` -> ``(T, D)``.
+
+    ``x``: ``(B, N, D)``; ``token_idx``: int64 ``(T,)`` patch indices, image ``b``'s rows being
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, ``(B+1,)``); ``pos_embed``: optional ``(N, D)``.
+    Differentiable in ``x`` and ``pos_embed``; the backward needs distinct indices per image.
+    """
+    _check_gather_inputs(x, token_idx, cu_seqlens, pos_embed)
+    need_distinct = torch.is_grad_enabled() and x.requires_grad
+    return torch.ops.scalejepa.gather_tokens_fwd(x, token_idx, cu_seqlens, pos_embed, validate, need_distinct)
+
+
+def gather_tokens_reference(x: torch.Tensor, token_idx: torch.Tensor, cu_seqlens: torch.Tensor,
+                            pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch ``gather_tokens``: two index ops, no host sync, any repeats allowed."""
+    _check_gather_inputs(x, token_idx, cu_seqlens, pos_embed)
+    out = x[sequence_ids(cu_seqlens, token_idx.numel()), token_idx]
+    return out if pos_embed is None else out + pos_embed[token_idx]
+
+
+# ============================================================================ build_predictor_input
+def _check_predictor_inputs(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed) -> int:
+    """Metadata checks; returns M, the number of target blocks per image."""
+    check_tensor("ctx", ctx, ndim=2)
+    check_float_dtype("ctx", ctx)
+    check_index_tensor("ctx_idx", ctx_idx, torch.int64)
+    check_index_tensor("tgt_idx", tgt_idx, torch.int64)
+    check_cu_seqlens_meta("cu_ctx", cu_ctx)
+    check_cu_seqlens_meta("cu_tgt", cu_tgt)
+    check_tensor("mask_token", mask_token, ndim=1)
+    check_tensor("pos_embed", pos_embed, ndim=2)
+    check_float_dtype("mask_token", mask_token, ctx, "ctx")
+    check_float_dtype("pos_embed", pos_embed, ctx, "ctx")
+    width = ctx.shape[1]
+    if ctx_idx.numel() != ctx.shape[0]:
+        raise ValueError(f"ctx_idx must have one index per ctx row ({ctx.shape[0]}), got {ctx_idx.numel()}")
+    if mask_token.shape[0] != width or pos_embed.shape[1] != width:
+        raise ValueError(f"mask_token (P,) and pos_embed (N, P) must match ctx's width P={width}, got "
+                         f"{tuple(mask_token.shape)} and {tuple(pos_embed.shape)}")
+    check_same_device(ctx=ctx, ctx_idx=ctx_idx, cu_ctx=cu_ctx, tgt_idx=tgt_idx, cu_tgt=cu_tgt,
+                      mask_token=mask_token, pos_embed=pos_embed)
+    num_images, num_seqs = cu_ctx.numel() - 1, cu_tgt.numel() - 1
+    if num_images == 0:
+        if num_seqs:
+            raise ValueError(f"cu_ctx describes no image but cu_tgt describes {num_seqs} target blocks")
+        return 0
+    if num_seqs % num_images:
+        raise ValueError(
+            f"cu_tgt must have M * B + 1 elements with B = {num_images} images (from cu_ctx), got "
+            f"{cu_tgt.numel()}; sequence s = m * B + b is target block m of image b"
+        )
+    if num_seqs // num_images * ctx.shape[0] + tgt_idx.numel() > _INT32_MAX:
+        raise ValueError("the packed predictor input would exceed 2**31 - 1 rows (int32 offsets); split the batch")
+    return num_seqs // num_images
+
+
+def _check_predictor_values(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, pos_embed) -> None:
+    """Offsets and index ranges, one host copy."""
+    num_patches = pos_embed.shape[0]
+    stats = [torch.stack([t.min(), t.max()]) if t.numel() else t.new_zeros(2) for t in (ctx_idx, tgt_idx)]
+    host = torch.cat([cu_ctx.long(), cu_tgt.long(), *stats]).tolist()
+    n_ctx = cu_ctx.numel()
+    check_cu_seqlens_values("cu_ctx", host[:n_ctx], ctx.shape[0], "ctx.shape[0]")
+    check_cu_seqlens_values("cu_tgt", host[n_ctx:-4], tgt_idx.numel(), "tgt_idx.numel()")
+    for name, t, (lo, hi) in (("ctx_idx", ctx_idx, host[-4:-2]), ("tgt_idx", tgt_idx, host[-2:])):
+        if t.numel() and (lo < 0 or hi >= num_patches):
+            raise ValueError(f"{name} values must be in [0, N={num_patches}) (pos_embed rows), got [{lo}, {hi}]")
+
+
+def _predictor_forward(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, validate: bool):
+    require_triton(_predictor_fwd_kernel, ctx.device, "build_predictor_input", "build_predictor_input_reference")
+    if validate:
+        _check_predictor_values(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, pos_embed)
+    num_images, num_seqs = cu_ctx.numel() - 1, cu_tgt.numel() - 1
+    num_blocks = num_seqs // num_images if num_images else 0
+    total_ctx, width = ctx.shape
+    out = new_output((num_blocks * total_ctx + tgt_idx.numel(), width), ctx.dtype, ctx.device)
+    if num_seqs == 0:
+        return out, torch.zeros(1, dtype=torch.int32, device=ctx.device)
+    cu_out = new_output((num_seqs + 1,), torch.int32, ctx.device)
+    ctx, mask_token, pos_embed = _contig(ctx), _contig(mask_token), _contig(pos_embed)
+    meta = _blocks(width, is_interpreted(_predictor_fwd_kernel))
+    _predictor_fwd_kernel[(num_seqs, triton.cdiv(width, meta["BLOCK_D"]))](
+        ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, out, cu_out,
+        num_images, total_ctx, tgt_idx.numel(), num_seqs, ctx.stride(0), pos_embed.stride(0), out.stride(0), width,
+        **meta)
+    return out, cu_out
+
+
+def _predictor_backward(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, num_patches: int, pos_grad: bool):
+    require_triton(_predictor_bwd_kernel, grad_out.device, "build_predictor_input backward",
+                   "build_predictor_input_reference")
+    num_images, num_seqs = cu_ctx.numel() - 1, cu_tgt.numel() - 1
+    width = grad_out.shape[1]
+    total_ctx = ctx_idx.numel()
+    grad_ctx = new_output((total_ctx, width), grad_out.dtype, grad_out.device)
+    mask_partial = torch.zeros((max(num_images, 1), width), dtype=torch.float32, device=grad_out.device)
+    grad_pos32 = torch.zeros((num_patches, width) if pos_grad else (0,), dtype=torch.float32,
+                             device=grad_out.device)
+    if num_seqs:
+        grad_out = _contig(grad_out)
+        meta = _blocks(width, is_interpreted(_predictor_bwd_kernel))
+        _predictor_bwd_kernel[(num_images, triton.cdiv(width, meta["BLOCK_D"]))](
+            grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, grad_ctx, mask_partial, grad_pos32 if pos_grad else grad_ctx,
+            num_images, num_seqs // num_images, total_ctx, grad_out.stride(0), grad_ctx.stride(0),
+            mask_partial.stride(0), width, width, POS_GRAD=pos_grad, **meta)
+    else:
+        grad_ctx.zero_()
+    return grad_ctx, mask_partial.sum(0).to(grad_out.dtype), grad_pos32.to(grad_out.dtype)
+
+
+@torch.library.custom_op("scalejepa::build_predictor_input_fwd", mutates_args=())
+def _build_predictor_input_fwd(ctx: torch.Tensor, ctx_idx: torch.Tensor, cu_ctx: torch.Tensor, tgt_idx: torch.Tensor,
+                               cu_tgt: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor,
+                               validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _predictor_forward(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, validate)
+
+
+@_build_predictor_input_fwd.register_fake
+def _(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, validate):
+    num_images, num_seqs = cu_ctx.shape[0] - 1, cu_tgt.shape[0] - 1
+    num_blocks = num_seqs // num_images if num_images else 0
+    rows = num_blocks * ctx.shape[0] + tgt_idx.shape[0]
+    return ctx.new_empty((rows, ctx.shape[1])), cu_ctx.new_empty((num_seqs + 1,))
+
+
+@torch.library.custom_op("scalejepa::build_predictor_input_bwd", mutates_args=())
+def _build_predictor_input_bwd(grad_out: torch.Tensor, ctx_idx: torch.Tensor, cu_ctx: torch.Tensor,
+                               tgt_idx: torch.Tensor, cu_tgt: torch.Tensor, num_patches: int,
+                               pos_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _predictor_backward(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, num_patches, pos_grad)
+
+
+@_build_predictor_input_bwd.register_fake
+def _(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, num_patches, pos_grad):
+    width = grad_out.shape[1]
+    grad_pos_shape = (num_patches, width) if pos_grad else (0,)
+    return (grad_out.new_empty((ctx_idx.shape[0], width)), grad_out.new_empty((width,)),
+            grad_out.new_empty(grad_pos_shape))
+
+
+def _predictor_setup_context(ctx, inputs, output):
+    _, ctx_idx, cu_ctx, tgt_idx, cu_tgt, _, pos_embed, _ = inputs
+    ctx.save_for_backward(ctx_idx, cu_ctx, tgt_idx, cu_tgt)
+    ctx.num_patches = pos_embed.shape[0]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _predictor_backward_rule(ctx, grad_out, _grad_cu_out):
+    ctx_idx, cu_ctx, tgt_idx, cu_tgt = ctx.saved_tensors
+    pos_grad = ctx.needs_input_grad[6]
+    grad_ctx, grad_mask, grad_pos = _build_predictor_input_bwd(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt,
+                                                               ctx.num_patches, pos_grad)
+    return grad_ctx, None, None, None, None, grad_mask, grad_pos if pos_grad else None, None
+
+
+_build_predictor_input_fwd.register_autograd(_predictor_backward_rule, setup_context=_predictor_setup_context)
+
+
+def build_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, cu_ctx: torch.Tensor, tgt_idx: torch.Tensor,
+                          cu_tgt: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor, *,
+                          validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed I-JEPA predictor input and its int32 offsets ``cu_out`` (``(M*B + 1,)``, on device).
+
+    ``ctx``: ``(T_ctx, P)`` projected context rows of B images (offsets ``cu_ctx``, ``(B+1,)``),
+    ``ctx_idx``: their patch indices; ``tgt_idx``: target patch indices of M*B sequences
+    (offsets ``cu_tgt``, sequence ``s = m*B + b``); ``mask_token``: ``(P,)``; ``pos_embed``:
+    ``(N, P)``. Sequence s of the output = ctx rows of image b (+ their position embeddings),
+    then one mask token + position embedding per target of s. Differentiable in ``ctx``,
+    ``mask_token`` and ``pos_embed``.
+    """
+    _check_predictor_inputs(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed)
+    return torch.ops.scalejepa.build_predictor_input_fwd(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token,
+                                                         pos_embed, validate)
+
+
+def build_predictor_input_reference(ctx: torch.Tensor, ctx_idx: torch.Tensor, cu_ctx: torch.Tensor,
+                                    tgt_idx: torch.Tensor, cu_tgt: torch.Tensor, mask_token: torch.Tensor,
+                                    pos_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch ``build_predictor_input``: one gather from [ctx rows ; mask rows], no host sync."""
+    num_blocks = _check_predictor_inputs(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed)
+    num_images, num_seqs = cu_ctx.numel() - 1, cu_tgt.numel() - 1
+    total_ctx = ctx.shape[0]
+    device = ctx.device
+    if num_seqs == 0:
+        return ctx.new_empty((0, ctx.shape[1])), torch.zeros(1, dtype=torch.int32, device=device)
+    seq = torch.arange(num_seqs + 1, device=device)
+    image = seq % num_images
+    cu_out = (seq // num_images * total_ctx + cu_ctx.long()[image] + cu_tgt.long()).to(torch.int32)
+
+    total_out = num_blocks * total_ctx + tgt_idx.numel()
+    row_seq = sequence_ids(cu_out, total_out)  # output row -> sequence
+    offset = torch.arange(total_out, device=device) - cu_out.long()[row_seq]  # position inside the sequence
+    row_image = row_seq % num_images
+    ctx_len = (cu_ctx[1:] - cu_ctx[:-1]).long()[row_image]
+    src = torch.where(offset < ctx_len, cu_ctx.long()[row_image] + offset,
+                      total_ctx + cu_tgt.long()[row_seq] + offset - ctx_len)
+    table = torch.cat([ctx + pos_embed[ctx_idx], mask_token + pos_embed[tgt_idx]])
+    return table[src], cu_out

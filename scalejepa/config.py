@@ -1,0 +1,326 @@
+"""Typed configuration: dataclasses, YAML presets and dotted command-line overrides.
+
+A run is configured by a preset (``scalejepa/configs/NAME.yaml`` or a path to a YAML
+file) plus ``key=value`` overrides (``optim.lr=1e-3``). Every key is checked against the
+dataclasses below: an unknown key, a value of the wrong type or a value outside the
+allowed choices raises :class:`ConfigError` naming the key and what is allowed, before
+any work starts. The resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"] = "vit_huge"
+    image_size: int = 224
+    patch_size: int = 14
+    in_chans: int = 3
+    pred_depth: int = 12
+    pred_dim: int = 384
+    pred_heads: int = 0  # 0: as many heads as the encoder (the reference's choice)
+    # How attention runs: PyTorch SDPA (dense, or padded to the longest sequence when
+    # lengths differ), the Triton varlen kernels, or FlexAttention with a document mask.
+    attn_impl: Literal["sdpa", "triton", "flex"] = "sdpa"
+
+
+@dataclass
+class MaskConfig:
+    # reference: the reference collator, quirks 1-4 of ijepa-facts.md included;
+    # corrected: independent scale/aspect draws, inclusive offsets, sampled context position.
+    mode: Literal["reference", "corrected"] = "reference"
+    # truncate: every context cut to the batch minimum (the reference);
+    # pack: every image keeps its full context, run as packed variable-length sequences.
+    context: Literal["truncate", "pack"] = "truncate"
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    min_keep: int = 10
+    allow_overlap: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Shard directory (with index.json), index.json path, brace URL or comma list.
+    # Empty: shards of the built-in set `builtin`, built once into a cache.
+    shards: str = ""
+    builtin: str = "mnist5k"
+    # Images per epoch, for epoch-based schedules and GPU-hours per epoch;
+    # 0: the `samples` count of the shards' index.json.
+    num_samples: int = 0
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    # Decode JPEGs at a reduced scale when the crop allows it (Pillow draft mode).
+    jpeg_draft: bool = True
+    # Random images made on the device instead of shards (benchmarks, smoke runs).
+    synthetic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 40.0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    ema: tuple[float, float] = (0.996, 1.0)
+    clip_grad: float = 0.0  # 0: no clipping (the reference)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2048  # global, over all ranks and accumulation steps
+    epochs: float = 300.0
+    # Schedule length in optimizer steps; 0: epochs x steps per epoch.
+    steps: int = 0
+    # Stop after this many steps (checkpointing first) without changing the schedules; 0: at the end.
+    stop_at_step: int = 0
+    grad_accum: int = 1
+    seed: int = 0
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    log_every: int = 10
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Deterministic kernels (torch.use_deterministic_algorithms): bit-identical reruns and
+    # resumes. CPU index backward otherwise sums duplicates in thread order.
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # steps; 0: only at the end
+    keep: int = 3
+    async_save: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["none", "fsdp2", "deepspeed"] = "none"
+    # FSDP2
+    param_dtype: Literal["bf16", "fp32"] = "bf16"
+    reduce_dtype: Literal["bf16", "fp32"] = "fp32"
+    reshard_after_forward: bool = True
+    # Hybrid sharding: shard within groups of this many ranks, replicate across them
+    # (set to the GPUs per node); 0: shard over all ranks.
+    shard_group_size: int = 0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # DeepSpeed
+    zero_stage: Literal[1, 2, 3] = 2
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 0  # steps; 0: off
+    knn_train_shards: str = ""
+    knn_val_shards: str = ""
+    knn_k: int = 20
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("scalejepa.configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (``debug_cpu``) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return candidate
+    path = Path(str(resources.files("scalejepa.configs") / f"{name_or_path}.yaml"))
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())} (or pass a path to a YAML file)"
+        )
+    return path
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset + dotted overrides -> a validated :class:`Config`."""
+    path = preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    node = raw.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{section!r} must be a section, not {node!r}")
+    node[name] = value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, prefix="")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{key}{hint}; keys of {prefix.rstrip('.') or 'the config'}: "
+                f"{', '.join(fields)}"
+            )
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = _build(hint_type, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint_type, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if value == choice and type(value) is type(choice):
+                return choice
+            if isinstance(choice, int) and isinstance(value, str) and value == str(choice):
+                return choice
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} needs {len(args)} values like [{', '.join(a.__name__ for a in args)}], got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r}: " + "; ".join(errors))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise TypeError(f"config field {key} has an unsupported type {tp}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that single values cannot express."""
+    m, t = config.model, config.train
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} must be a multiple of model.patch_size={m.patch_size}")
+    for name in ("batch_size", "grad_accum", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    for name in ("target_scale", "context_scale", "target_aspect"):
+        lo, hi = getattr(config.mask, name)
+        if not 0 < lo <= hi:
+            raise ConfigError(f"mask.{name}=({lo}, {hi}) must satisfy 0 < low <= high")
+    if config.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.keep must be >= 1")
+    if config.data.num_workers < 0:
+        raise ConfigError("data.num_workers must be >= 0")

@@ -1,0 +1,318 @@
+"""The training input pipeline: WebDataset shards -> decoded crops + masks, batched.
+
+Data order is a pure function of (seed, rank, stream, position), so a resumed run sees
+exactly the batches an uninterrupted one would have:
+
+* Each rank reads its own share of the shards (an explicit node splitter; every rank
+  reads all of them when there are fewer shards than ranks) and draws from them with
+  replacement (resampled shards), so no rank ever runs dry.
+* The rank's batches are spread over ``W`` logical *streams*, one per loader worker:
+  stream ``w`` makes the batches of steps ``s`` with ``s % W == w``. A stream reads a
+  sequence of *segments*: segment ``k`` is one shard drawn by a generator seeded with
+  (seed, rank, stream, k), read in order through a shuffle buffer seeded the same way.
+  Crops come from a generator seeded by the sample's (segment, position) and masks from
+  one seeded by (seed, rank, stream, step).
+* A stream's position is (segment, samples consumed). The trainer records the position
+  of every batch it takes and saves it in checkpoints; on resume each stream reopens its
+  shard and skips the consumed samples without decoding them.
+
+Corrupt or undecodable samples are skipped and counted (``Batch.corrupt``), never
+retried with a sleep and never silently dropped from the count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scalejepa.data.transforms import decode_random_crop
+from scalejepa.masks import MaskBatch, MaskGenerator, mask_rng
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_TAG = 0x5E6  # separates the segment generators' seeds from the mask generators'
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) uint8 on the host, float normalised on the device
+    labels: torch.Tensor  # (B,) int64, -1 where a sample has no label
+    masks: MaskBatch
+    step: int
+    stream: int
+    position: tuple[int, int]  # the stream's (segment, samples consumed) after this batch
+    corrupt: int = 0  # corrupt samples this stream has skipped so far
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            self.images.pin_memory(), self.labels.pin_memory(), self.masks.pin_memory(),
+            self.step, self.stream, self.position, self.corrupt,
+        )
+
+
+def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """Explicit node splitter: rank r reads shards r, r + world, ...; all shards when
+    there are fewer shards than ranks (resampling keeps the ranks' streams distinct)."""
+    if world_size <= 1:
+        return list(urls)
+    if len(urls) < world_size:
+        log.warning("%d shards for %d ranks: every rank reads all shards; write more shards", len(urls), world_size)
+        return list(urls)
+    return list(urls[rank::world_size])
+
+
+def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Reservoir-style shuffle buffer, deterministic given ``rng``."""
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= buffer_size:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    while buffer:
+        i = int(rng.integers(len(buffer)))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        yield buffer.pop()
+
+
+def _read_tar(url: str) -> Iterator[dict]:
+    import webdataset as wds
+
+    # Errors (missing file, broken tar) propagate: a bad shard is a problem to fix, not to skip.
+    yield from wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}]))
+
+
+class ShardStreams(IterableDataset):
+    """The rank's batch streams; one per DataLoader worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        image_size: int,
+        crop_scale: tuple[float, float],
+        mask_generator: MaskGenerator,
+        seed: int,
+        rank: int,
+        num_streams: int,
+        start_step: int = 0,
+        positions: dict[int, tuple[int, int]] | None = None,
+        shuffle_buffer: int = 1000,
+        jpeg_draft: bool = True,
+    ):
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.crop_scale = crop_scale
+        self.mask_generator = mask_generator
+        self.seed = seed
+        self.rank = rank
+        self.num_streams = num_streams
+        self.start_step = start_step
+        self.positions = dict(positions or {})
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.jpeg_draft = jpeg_draft
+
+    def _samples(self, stream: int) -> Iterator[tuple[np.ndarray | None, int, tuple[int, int]]]:
+        """(image or None if corrupt, label, position after this sample), forever."""
+        segment, skip = self.positions.get(stream, (0, 0))
+        while True:
+            rng = np.random.default_rng([self.seed, self.rank, stream, segment, _SEGMENT_TAG])
+            url = self.urls[int(rng.integers(len(self.urls)))]
+            shuffled = _shuffled(_read_tar(url), self.shuffle_buffer, rng)
+            for position, sample in enumerate(shuffled, start=1):
+                if position <= skip:
+                    continue
+                crop_rng = np.random.default_rng([self.seed, self.rank, stream, segment, position])
+                yield self._decode(sample, crop_rng), _label(sample), (segment, position)
+            segment, skip = segment + 1, 0
+
+    def _decode(self, sample: dict, rng: np.random.Generator) -> np.ndarray | None:
+        data = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
+        if data is None:
+            log.warning("sample %s in %s has no image", sample.get("__key__"), sample.get("__url__"))
+            return None
+        try:
+            return decode_random_crop(data, self.image_size, self.crop_scale, rng, draft=self.jpeg_draft)
+        except Exception as exc:  # noqa: BLE001 - any decoder error means a corrupt sample; counted below
+            log.warning("skipping corrupt image %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+            return None
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if num_workers != self.num_streams:
+            raise RuntimeError(f"{num_workers} loader workers for {self.num_streams} streams")
+        # Loader worker j makes steps start + j, start + j + W, ...: stream (start + j) % W.
+        stream = (self.start_step + worker) % self.num_streams
+        step = self.start_step + worker
+        samples = self._samples(stream)
+        corrupt = 0
+        while True:
+            images, labels = [], []
+            while len(images) < self.batch_size:
+                image, label, position = next(samples)
+                if image is None:
+                    corrupt += 1
+                    continue
+                images.append(image)
+                labels.append(label)
+            masks = self.mask_generator(self.batch_size, mask_rng(self.seed, self.rank, stream, step))
+            yield Batch(
+                images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),
+                labels=torch.tensor(labels, dtype=torch.int64),
+                masks=masks,
+                step=step,
+                stream=stream,
+                position=position,
+                corrupt=corrupt,
+            )
+            step += self.num_streams
+
+
+def _label(sample: dict) -> int:
+    raw = sample.get("cls")
+    try:
+        return int(raw) if raw is not None else -1
+    except ValueError:
+        return -1
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, normalised with per-channel mean/std (in 0-1 units)."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+@dataclass
+class LoaderState:
+    """What a checkpoint needs to continue the data exactly where it stopped."""
+
+    num_streams: int
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    corrupt: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "num_streams": self.num_streams,
+            "positions": {str(k): list(v) for k, v in self.positions.items()},
+            "corrupt": {str(k): v for k, v in self.corrupt.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LoaderState":
+        return cls(
+            num_streams=int(raw["num_streams"]),
+            positions={int(k): (int(v[0]), int(v[1])) for k, v in raw["positions"].items()},
+            corrupt={int(k): int(v) for k, v in raw.get("corrupt", {}).items()},
+        )
+
+
+class TrainLoader:
+    """Iterates device-ready batches from shards; tracks the data position for checkpoints."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        image_size: int,
+        crop_scale: tuple[float, float],
+        mean,
+        std,
+        mask_generator: MaskGenerator,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 4,
+        start_step: int = 0,
+        state: LoaderState | None = None,
+        shuffle_buffer: int = 1000,
+        jpeg_draft: bool = True,
+        device: torch.device = torch.device("cpu"),
+    ):
+        num_streams = max(1, num_workers)
+        if state is not None and state.num_streams != num_streams:
+            log.warning(
+                "checkpoint data position has %d streams but data.num_workers=%d: streams restart from fresh seeds "
+                "(the run continues, but not on the exact batches an uninterrupted run would see)",
+                state.num_streams, num_workers,
+            )
+            state = None
+        self.state = state or LoaderState(num_streams)
+        self.mean, self.std, self.device = mean, std, device
+        dataset = ShardStreams(
+            split_by_rank(urls, rank, world_size),
+            batch_size=batch_size,
+            image_size=image_size,
+            crop_scale=crop_scale,
+            mask_generator=mask_generator,
+            seed=seed,
+            rank=rank,
+            num_streams=num_streams,
+            start_step=start_step,
+            positions=self.state.positions,
+            shuffle_buffer=shuffle_buffer,
+            jpeg_draft=jpeg_draft,
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if num_workers else None,
+            persistent_workers=False,
+        )
+        self._iterator = iter(self.loader)
+
+    def __next__(self) -> Batch:
+        batch = next(self._iterator)
+        self.state.positions[batch.stream] = batch.position
+        self.state.corrupt[batch.stream] = batch.corrupt
+        batch.images = normalize(batch.images.to(self.device, non_blocking=True), self.mean, self.std)
+        batch.labels = batch.labels.to(self.device, non_blocking=True)
+        batch.masks = batch.masks.to(self.device)
+        return batch
+
+    def __iter__(self):
+        return self
+
+    @property
+    def corrupt_total(self) -> int:
+        return sum(self.state.corrupt.values())
+
+
+class SyntheticLoader:
+    """Random images made on the device, real masks: for benchmarks without a data set."""
+
+    def __init__(self, *, batch_size: int, image_size: int, mask_generator: MaskGenerator, seed: int,
+                 rank: int = 0, start_step: int = 0, device: torch.device = torch.device("cpu")):
+        self.batch_size, self.image_size = batch_size, image_size
+        self.mask_generator, self.seed, self.rank = mask_generator, seed, rank
+        self.step, self.device = start_step, device
+        self.generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+        self.state = LoaderState(1)
+        self.corrupt_total = 0
+
+    def __next__(self) -> Batch:
+        images = torch.randn(
+            self.batch_size, 3, self.image_size, self.image_size, device=self.device, generator=self.generator
+        )
+        masks = self.mask_generator(self.batch_size, mask_rng(self.seed, self.rank, 0, self.step))
+        batch = Batch(images, torch.full((self.batch_size,), -1, device=self.device), masks.to(self.device),
+                      self.step, 0, (0, 0))
+        self.step += 1
+        return batch
+
+    def __iter__(self):
+        return self

@@ -1,0 +1,97 @@
+"""Multi-head self-attention on packed tokens, and the one entry point (`attend`) that
+every attention implementation sits behind."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .seqs import Seqs
+
+ATTN_IMPLS = ("sdpa", "triton", "flex")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: str = "sdpa") -> torch.Tensor:
+    """Bidirectional attention within each sequence of a packed batch.
+
+    q, k, v: (T, H, hd) -> (T, H, hd). ``impl``: ``sdpa`` (dense when all lengths are equal,
+    else padded to the longest sequence with a key mask), ``triton`` (the varlen kernel),
+    ``flex`` (FlexAttention with a document mask over the packed sequence).
+    """
+    if impl == "sdpa":
+        return _sdpa(q, k, v, seqs)
+    if impl == "triton":
+        from scalejepa.kernels import varlen_attention
+
+        # Seqs comes from lengths known on the host: skip the kernel's (syncing) offset check.
+        return varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, validate=False)
+    if impl == "flex":
+        return _flex(q, k, v, seqs)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+
+
+def _sdpa(q, k, v, seqs: Seqs) -> torch.Tensor:
+    total, heads, head_dim = q.shape
+    if seqs.uniform_len is not None:
+        shape = (seqs.num_seqs, seqs.uniform_len, heads, head_dim)
+        out = F.scaled_dot_product_attention(*(t.reshape(shape).transpose(1, 2) for t in (q, k, v)))
+        return out.transpose(1, 2).reshape(total, heads, head_dim)
+    rows, keep = seqs.padding(total)
+    padded = []
+    for t in (q, k, v):
+        buf = t.new_zeros(seqs.num_seqs * seqs.max_seqlen, heads, head_dim)
+        buf = buf.index_copy(0, rows, t)
+        padded.append(buf.view(seqs.num_seqs, seqs.max_seqlen, heads, head_dim).transpose(1, 2))
+    out = F.scaled_dot_product_attention(*padded, attn_mask=keep[:, None, None, :])
+    return out.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, rows)
+
+
+def _flex(q, k, v, seqs: Seqs) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    total = q.shape[0]
+    seq_ids = seqs.token_seq_ids(total)
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return seq_ids[q_idx] == seq_ids[kv_idx]
+
+    block_mask = seqs.cached(
+        f"flex{total}", lambda: create_block_mask(same_sequence, None, None, total, total, device=q.device)
+    )
+    out = _flex_fn(q.device)(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=block_mask)
+    return out.squeeze(0).transpose(0, 1)
+
+
+_compiled_flex = None
+
+
+def _flex_fn(device: torch.device):
+    """FlexAttention is only fused when compiled; eager (used on CPU) is a slow reference."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_impl: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attention implementation {attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+        self.num_heads = num_heads
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, seqs: Seqs) -> torch.Tensor:
+        total, dim = x.shape
+        q, k, v = self.qkv(x).view(total, 3, self.num_heads, dim // self.num_heads).unbind(1)
+        out = attend(q, k, v, seqs, self.attn_impl)
+        return self.proj(out.reshape(total, dim))

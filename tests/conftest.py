@@ -1,0 +1,18 @@
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined (at import of scalejepa.kernels), so it
+# must be set before any test module imports it: without a GPU, kernels run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Built-in shard sets are cached under a per-session folder, not the user's home."""
+    os.environ["SCALEJEPA_CACHE"] = str(tmp_path_factory.mktemp("scalejepa-cache"))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
