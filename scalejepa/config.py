@@ -35,8 +35,9 @@ class ModelConfig:
     pred_dim: int = 384
     pred_heads: int = 0  # 0: as many heads as the encoder (the reference's choice)
     # How attention runs: PyTorch SDPA (dense, or padded to the longest sequence when
-    # lengths differ), the Triton varlen kernels, or FlexAttention with a document mask.
-    attn_impl: Literal["sdpa", "triton", "flex"] = "sdpa"
+    # lengths differ), the Triton varlen kernels, FlexAttention with a document mask, or
+    # eager softmax(QK^T)V as the reference code (a baseline for benchmarks).
+    attn_impl: Literal["sdpa", "triton", "flex", "eager"] = "sdpa"
 
 
 @dataclass

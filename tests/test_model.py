@@ -68,7 +68,7 @@ def test_packed_sequences_do_not_leak_into_each_other():
         rows += len(idx)
 
 
-@pytest.mark.parametrize("impl", ["flex"])
+@pytest.mark.parametrize("impl", ["flex", "eager"])
 def test_attention_implementations_agree_on_mixed_lengths(impl):
     torch.manual_seed(0)
     seqs = Seqs.from_lengths([1, 7, 30, 2])

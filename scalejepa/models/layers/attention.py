@@ -9,7 +9,7 @@ from torch import nn
 
 from .seqs import Seqs
 
-ATTN_IMPLS = ("sdpa", "triton", "flex")
+ATTN_IMPLS = ("sdpa", "triton", "flex", "eager")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: str = "sdpa") -> torch.Tensor:
@@ -17,7 +17,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: 
 
     q, k, v: (T, H, hd) -> (T, H, hd). ``impl``: ``sdpa`` (dense when all lengths are equal,
     else padded to the longest sequence with a key mask), ``triton`` (the varlen kernel),
-    ``flex`` (FlexAttention with a document mask over the packed sequence).
+    ``flex`` (FlexAttention with a document mask over the packed sequence), ``eager``
+    (softmax(QK^T)V materialised, as the reference code computes it; for baselines).
     """
     if impl == "sdpa":
         return _sdpa(q, k, v, seqs)
@@ -28,14 +29,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: 
         return varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, validate=False)
     if impl == "flex":
         return _flex(q, k, v, seqs)
+    if impl == "eager":
+        return _padded(q, k, v, seqs, _eager_attention)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
 
 
 def _sdpa(q, k, v, seqs: Seqs) -> torch.Tensor:
+    return _padded(q, k, v, seqs, F.scaled_dot_product_attention)
+
+
+def _eager_attention(q, k, v, attn_mask=None):
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _padded(q, k, v, seqs: Seqs, attention) -> torch.Tensor:
+    """Dense attention on an (S, H, L, hd) view: directly when all lengths are equal,
+    else padded to the longest sequence with a key mask."""
     total, heads, head_dim = q.shape
     if seqs.uniform_len is not None:
         shape = (seqs.num_seqs, seqs.uniform_len, heads, head_dim)
-        out = F.scaled_dot_product_attention(*(t.reshape(shape).transpose(1, 2) for t in (q, k, v)))
+        out = attention(*(t.reshape(shape).transpose(1, 2) for t in (q, k, v)))
         return out.transpose(1, 2).reshape(total, heads, head_dim)
     rows, keep = seqs.padding(total)
     padded = []
@@ -43,7 +59,7 @@ def _sdpa(q, k, v, seqs: Seqs) -> torch.Tensor:
         buf = t.new_zeros(seqs.num_seqs * seqs.max_seqlen, heads, head_dim)
         buf = buf.index_copy(0, rows, t)
         padded.append(buf.view(seqs.num_seqs, seqs.max_seqlen, heads, head_dim).transpose(1, 2))
-    out = F.scaled_dot_product_attention(*padded, attn_mask=keep[:, None, None, :])
+    out = attention(*padded, attn_mask=keep[:, None, None, :])
     return out.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, rows)
 
 
