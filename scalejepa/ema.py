@@ -1,4 +1,8 @@
-"""EMA of the context encoder into the target encoder with multi-tensor ops."""
+"""EMA of the context encoder into the target encoder with multi-tensor ops.
+
+``foreach=False`` updates one parameter at a time, as the reference code does
+(``param_k.mul_(m).add_((1 - m) * param_q)``): only for benchmark baselines.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ def local_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 class EMA:
-    def __init__(self, target: nn.Module, online: nn.Module):
+    def __init__(self, target: nn.Module, online: nn.Module, foreach: bool = True):
+        self.foreach = foreach
         self.target = [t.detach() for t in local_tensors(target)]
         self.online = [t.detach() for t in local_tensors(online)]
         if len(self.target) != len(self.online) or any(
@@ -24,4 +29,8 @@ class EMA:
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * online, one fused call."""
-        torch._foreach_lerp_(self.target, self.online, 1.0 - momentum)
+        if self.foreach:
+            torch._foreach_lerp_(self.target, self.online, 1.0 - momentum)
+            return
+        for target, online in zip(self.target, self.online):  # the reference's loop (baselines)
+            target.mul_(momentum).add_((1.0 - momentum) * online)

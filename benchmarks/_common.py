@@ -1,0 +1,143 @@
+"""Shared plumbing of the benchmark scripts: environment metadata, result files, progress lines.
+
+Every results JSON carries ``env`` (:func:`environment`): device name, torch / triton / CUDA
+versions, UTC date and time, git commit (and whether the work tree had local changes), CPU
+count and load average (the CPU is shared on CI-like machines: a high load means noisy
+timings). Files are named ``<name>[_smoke]_<UTC stamp>.{json,md,png}``.
+
+Imports only the standard library and torch: the GPU machines lack webdataset, braceexpand
+and deepspeed, and the synthetic benchmark paths must run there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+_START = time.perf_counter()
+
+
+def ensure_importable() -> None:
+    """Let ``scalejepa`` (and ``scalejepa.kernels``, which lives in ``kernels/``) import
+    from a plain checkout that was not pip-installed (e.g. a bare GPU machine). Imports
+    no kernel: TRITON_INTERPRET must be settled before ``scalejepa.kernels`` is imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("scalejepa") is None:
+        sys.path.insert(0, str(REPO))
+    if importlib.util.find_spec("scalejepa.kernels") is None:
+        import scalejepa
+
+        scalejepa.__path__.append(str(REPO))  # resolves scalejepa.kernels -> REPO/kernels
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether tracked files differ from it); (None, None) outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None, None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit, dirty = git_commit()
+    now = dt.datetime.now(dt.timezone.utc)
+    env = {
+        "device": device_description(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": now.date().isoformat(),
+        "timestamp_utc": now.isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }
+    if hasattr(os, "getloadavg"):
+        env["loadavg_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["gpu_count_visible"] = torch.cuda.device_count()
+    return env
+
+
+def stamp(env: dict) -> str:
+    return env["timestamp_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
+
+
+def output_path(out_dir: Path, name: str, env: dict, smoke: bool, suffix: str = ".json") -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / f"{name}_{'smoke_' if smoke else ''}{stamp(env)}{suffix}"
+
+
+def write_json(path: Path, results: dict) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=_jsonable))
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or (None, reason) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return None, f"matplotlib not importable: {exc}"
+    return plt, None
+
+
+def progress(message: str) -> None:
+    """A progress line on stdout with the elapsed time, flushed (long GPU runs)."""
+    elapsed = time.perf_counter() - _START
+    print(f"[{int(elapsed) // 60:3d}:{int(elapsed) % 60:02d}] {message}", flush=True)
+
+
+def latest_result(out_dir: Path, name: str) -> Path | None:
+    """Newest non-smoke ``<name>_*.json`` in ``out_dir``."""
+    files = sorted(p for p in Path(out_dir).glob(f"{name}_*.json") if "_smoke_" not in p.name)
+    return files[-1] if files else None
