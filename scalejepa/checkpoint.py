@@ -7,6 +7,10 @@ states). A directory counts only once its commit marker exists: the marker is wr
 uncommitted directory that resume ignores and the next save cleans up. The same format
 serves one process and many, and DCP reshards on load, so a run may resume on a
 different world size.
+
+A backend with its own checkpoint format (DeepSpeed) passes ``writer``/``reader``
+functions that fill the step directory; directories, commit markers, pruning and errors
+stay the same.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -78,15 +83,26 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self._pending = None  # (future, path, step) of an async save in flight
+        self._async_group = None
+
+    def _async_process_group(self):
+        """Async saves coordinate on their own gloo group: the save thread's collectives
+        must not interleave with the training collectives of the main thread (and DCP
+        needs a CPU backend, which an NCCL-only default group lacks). Created on the first
+        save, which every rank reaches at the same step."""
+        if self._async_group is None and dist.is_available() and dist.is_initialized():
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
 
     def latest(self) -> Path | None:
         found = committed_checkpoints(self.folder)
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict) -> Path:
+    def save(self, step: int, state: dict, writer: Callable[[dict, Path], Any] | None = None) -> Path:
         """Write ``state`` for ``step``. With async_save this returns once the state is
         staged; call :meth:`wait` (done before the next save, and by the trainer before
-        the next optimizer step) to commit it."""
+        the next optimizer step) to commit it. ``writer(state, path)``: write with another
+        format than DCP (synchronously), e.g. DeepSpeed's own."""
         self.wait()
         path = self.folder / f"step_{step:08d}"
         if _rank() == 0:
@@ -94,9 +110,14 @@ class Checkpointer:
             if path.exists():  # an uncommitted leftover of a crashed save, or a rerun of this step
                 shutil.rmtree(path)
         _barrier()
+        if writer is not None:
+            writer(state, path)
+            self._commit(path, step)
+            return path
         with _single_process_quiet():
             if self.async_save:
-                self._pending = (dcp.async_save(state, checkpoint_id=str(path)), path, step)
+                future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_process_group())
+                self._pending = (future, path, step)
             else:
                 dcp.save(state, checkpoint_id=str(path))
         if not self.async_save:
@@ -130,8 +151,9 @@ class Checkpointer:
             if _STEP_DIR.match(leftover.name) and not is_committed(leftover) and step_of(leftover) < newest:
                 shutil.rmtree(leftover)
 
-    def load(self, path: str | Path, state: dict) -> None:
-        """Load into ``state`` in place. Anything wrong is an error, never a fresh start."""
+    def load(self, path: str | Path, state: dict, reader: Callable[[dict, Path], Any] | None = None) -> None:
+        """Load into ``state`` in place. Anything wrong is an error, never a fresh start.
+        ``reader(state, path)``: the counterpart of :meth:`save`'s ``writer``."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
@@ -142,6 +164,11 @@ class Checkpointer:
             )
         try:
             with _single_process_quiet():
-                dcp.load(state, checkpoint_id=str(path))
+                if reader is not None:
+                    reader(state, path)
+                else:
+                    dcp.load(state, checkpoint_id=str(path))
+        except CheckpointError:
+            raise
         except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
             raise CheckpointError(f"could not load checkpoint {path}: {exc}") from exc

@@ -110,6 +110,18 @@ class TorchEngine:
         set_model_state_dict(self.target, state["target"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
 
+    def save_checkpoint(self, checkpointer, step: int, extra: dict):
+        """Models, optimizer and ``extra`` (trainer state) into the step directory, with DCP."""
+        return checkpointer.save(step, {**self.state_dict(), **extra})
+
+    def load_checkpoint(self, checkpointer, path, extra: dict) -> dict:
+        """Load a step directory; ``extra`` names the trainer entries (with placeholder
+        values of their types), which come back loaded."""
+        state = {**self.state_dict(), **extra}
+        checkpointer.load(path, state)
+        self.load_state_dict(state)
+        return {key: state[key] for key in extra}
+
     def export_target(self) -> dict[str, torch.Tensor]:
         """Full, unsharded target-encoder weights on the CPU, no wrapper prefixes."""
         return get_model_state_dict(self.target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

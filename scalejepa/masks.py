@@ -194,14 +194,21 @@ class MaskGenerator:
             budget[relax] = _REDRAWS_PER_RELAXATION
         return context, targets
 
-    def __call__(self, batch_size: int, rng: np.random.Generator) -> MaskBatch:
+    def __call__(self, batch_size: int, rng: np.random.Generator, rows: slice | None = None) -> MaskBatch:
+        """Masks for ``batch_size`` images. With ``rows``, masks are drawn (block sizes, and
+        truncation to the shortest context) for the whole batch and only those images are
+        returned: one rank's part of a global batch, as a one-process run would draw it."""
         context, targets = self.sample_masks(batch_size, rng)
+        if self.config.context == "truncate":
+            keep_len = int(context.sum(1).min())
+        if rows is not None:
+            context, targets = context[rows], targets[rows]
+            batch_size = context.shape[0]
         num_patches = self.grid * self.grid
         num_targets = targets.shape[1]
         context_lens = context.sum(1)
         context_sampled = int(context_lens.sum())
         if self.config.context == "truncate":
-            keep_len = int(context_lens.min())
             context &= np.cumsum(context, axis=1) <= keep_len  # raster order: bottom patches go (quirk 4)
             context_lens = np.full(batch_size, keep_len)
         _, context_index = np.nonzero(context)

@@ -1,5 +1,6 @@
 """Builds the models and wraps them for the configured backend, from outside the model
-code (torchtitan's `parallelize.py` pattern)."""
+code (torchtitan's `parallelize.py` pattern): ``distributed.backend`` none (one device),
+fsdp2 (`scalejepa.parallel.fsdp`) or deepspeed (`scalejepa.parallel.deepspeed`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from scalejepa.config import Config, ConfigError
 from scalejepa.dist_env import DistEnv
 from scalejepa.engine import TorchEngine, build_optimizer
 from scalejepa.ijepa import build_models
+from scalejepa.parallel import apply_block_options
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -42,11 +44,18 @@ def build_engine(config: Config, env: DistEnv):
         model, target = build_models(config.model, config.train.loss)
         model.to(env.device)
         target.to(env.device)
-        if config.distributed.compile:
-            for block in [*model.encoder.blocks, *model.predictor.predictor_blocks, *target.blocks]:
-                block.compile()
+        apply_block_options(model, target, activation_checkpointing=config.distributed.activation_checkpointing,
+                            compile=config.distributed.compile)
         optimizer = build_optimizer(model, config.optim, env.device)
         return TorchEngine(
             model, target, optimizer, autocast_dtype=autocast_dtype(config, env.device), clip_grad=config.optim.clip_grad
         )
-    raise ConfigError(f"distributed.backend={backend} is not available in this build")
+    if backend == "fsdp2":
+        from scalejepa.parallel.fsdp import build_fsdp_engine
+
+        return build_fsdp_engine(config, env, autocast_dtype(config, env.device))
+    if backend == "deepspeed":
+        from scalejepa.parallel.deepspeed import build_deepspeed_engine
+
+        return build_deepspeed_engine(config, env, autocast_dtype(config, env.device))
+    raise ConfigError(f"unknown distributed.backend={backend!r}; choose none, fsdp2 or deepspeed")

@@ -34,7 +34,7 @@ import torch
 from scalejepa.checkpoint import Checkpointer, CheckpointError, step_of
 from scalejepa.config import Config, ConfigError, load_config, preset_names, save_config, validate
 from scalejepa.data.pipeline import LoaderState, SyntheticLoader, TrainLoader
-from scalejepa.dist_env import DistEnv, all_gather_objects, init_distributed, shutdown_distributed
+from scalejepa.dist_env import DistEnv, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
 from scalejepa.masks import MaskGenerator
 from scalejepa.metrics import MetricsWriter
 from scalejepa.parallelize import build_engine
@@ -136,6 +136,7 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
             window.data_wait += time.perf_counter() - tick
             step_loss += engine.forward_backward(batch.images, batch.masks, 1.0 / t.grad_accum) / t.grad_accum
             window.add_batch(batch)
+        step_loss = all_reduce_mean(step_loss)  # the global batch's loss, the same on every rank
         # The one host sync of every step: never let a non-finite loss reach the weights.
         if not torch.isfinite(step_loss):
             raise NonFiniteLossError(
@@ -214,7 +215,7 @@ def build_loader(config, urls, per_rank_batch, mask_generator, env, start_step, 
     if data.synthetic:
         return SyntheticLoader(batch_size=micro_batch, image_size=config.model.image_size,
                                mask_generator=mask_generator, seed=t.seed, rank=env.rank,
-                               start_step=start, device=env.device)
+                               world_size=env.world_size, start_step=start, device=env.device)
     return TrainLoader(
         urls, batch_size=micro_batch, image_size=config.model.image_size, crop_scale=data.crop_scale,
         mean=data.mean, std=data.std, mask_generator=mask_generator, seed=t.seed, rank=env.rank,
@@ -312,16 +313,14 @@ def save(checkpointer: Checkpointer, step: int, engine, loader, config: Config, 
     ranks = all_gather_objects({"data": loader.state.to_dict(), "rng": rng_state()})
     trainer = {"step": step, "world_size": env.world_size, "config": config.to_dict(),
                "data": [r["data"] for r in ranks]}
-    state = {**engine.state_dict(), "trainer": json.dumps(trainer), "rng": pickle.dumps([r["rng"] for r in ranks])}
-    path = checkpointer.save(step, state)
+    extra = {"trainer": json.dumps(trainer), "rng": pickle.dumps([r["rng"] for r in ranks])}
+    path = engine.save_checkpoint(checkpointer, step, extra)
     if env.is_main:
         log.info("checkpoint %s", path)
 
 
 def restore(checkpointer: Checkpointer, path: Path, engine, env: DistEnv) -> tuple[int, LoaderState | None]:
-    state = {**engine.state_dict(), "trainer": "", "rng": b""}
-    checkpointer.load(path, state)
-    engine.load_state_dict(state)
+    state = engine.load_checkpoint(checkpointer, path, {"trainer": "", "rng": b""})
     trainer = json.loads(state["trainer"])
     if trainer["world_size"] != env.world_size:
         log.warning("checkpoint written by %d ranks, resuming on %d: weights and optimizer are resharded, data "

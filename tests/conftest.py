@@ -7,6 +7,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread per process: tests run several processes at once (loader workers,
+# 2-3 ranks) on CI's 2 cores, where oversubscribed OpenMP threads spin-wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 
 import pytest  # noqa: E402
 

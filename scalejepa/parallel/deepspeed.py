@@ -1,0 +1,306 @@
+"""DeepSpeed ZeRO (stages 1, 2 and 3) for I-JEPA, behind the same engine interface.
+
+* ``deepspeed.initialize`` wraps the trained I-JEPA (context encoder + predictor) with a
+  torch ``AdamW`` on our parameter groups (no weight decay on biases and norms); the
+  DeepSpeed config is generated from ours (:func:`deepspeed_config`): micro-batch and
+  accumulation from ``train``, bf16 from ``train.precision``, ZeRO stage from
+  ``distributed.zero_stage``, clipping from ``optim.clip_grad`` (always written out:
+  DeepSpeed's own default is 1.0, the reference does not clip). Our schedules set the
+  learning rate and weight decay of the optimizer's groups before every step; DeepSpeed
+  gets no scheduler of its own. Passing a torch optimizer also avoids DeepSpeed's
+  ``fused_adam`` JIT build.
+* Gradient accumulation is DeepSpeed's own (``gradient_accumulation_steps``): every
+  micro-batch's ``backward``, ``step`` only at the boundary.
+* The target encoder is not trained, so it is not in the training engine, and it stays
+  fp32 whatever the training precision (an EMA with momentum >= 0.996 in bf16 would round
+  its updates away). ZeRO-1/2 keep the model replicated: the target is a plain fp32 copy
+  on every rank, updated from the (replicated) context encoder. ZeRO-3 partitions
+  parameters: the target gets a forward-only ZeRO-3 engine of its own (no optimizer,
+  nothing persistent), so its partitions (``param.ds_tensor``) have exactly the context
+  encoder's layout and the EMA is one multi-tensor lerp of local partitions, no gather.
+* Mixed precision: DeepSpeed's ``bf16`` mode (bf16 parameters and compute, fp32 master
+  weights in the optimizer, gradients communicated in ``distributed.reduce_dtype``); the
+  target runs under ``torch.autocast`` bf16. The EMA reads the context encoder's bf16
+  parameters (the rounded fp32 master weights).
+* Checkpoints: DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` into our step
+  directory (same commit marker, pruning and ``--resume auto``), the trainer state in its
+  ``client_state``, the target encoder as a full fp32 state dict (``target_encoder.pt``).
+  DeepSpeed checkpoints resume on the same world size and ZeRO stage only (use
+  DeepSpeed's universal-checkpoint conversion, or FSDP2, to change them).
+
+On CPU DeepSpeed uses its CPU accelerator and gloo (``DS_ACCELERATOR=cpu`` is set when no
+GPU is visible). Its first start JIT-builds a shared-memory communication op, cached in
+``TORCH_EXTENSIONS_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scalejepa.checkpoint import CheckpointError
+from scalejepa.config import Config, ConfigError
+from scalejepa.dist_env import DistEnv, ensure_process_group
+from scalejepa.engine import build_optimizer
+from scalejepa.ijepa import IJEPA, build_models, compute_targets
+from scalejepa.masks import MaskBatch
+from scalejepa.parallel import apply_block_options
+
+log = logging.getLogger(__name__)
+
+META_FILE = "scalejepa_deepspeed.json"
+TARGET_FILE = "target_encoder.pt"
+
+
+def _import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(
+            f"distributed.backend=deepspeed needs DeepSpeed: pip install 'scalejepa[deepspeed]' ({exc})"
+        ) from None
+    if log.getEffectiveLevel() > logging.DEBUG:
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def deepspeed_config(config: Config, env: DistEnv, compute_dtype: torch.dtype | None,
+                     num_params: int = 500_000_000) -> dict:
+    """Our config, written as DeepSpeed's (its keys: deepspeed.ai/docs/config-json)."""
+    t, d = config.train, config.distributed
+    bucket_size = int(min(500_000_000, max(num_params, 1_000_000)))
+    micro_batch = t.batch_size // (env.world_size * t.grad_accum)
+    bf16 = compute_dtype == torch.bfloat16
+    ds = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": float(config.optim.clip_grad),  # explicit: DeepSpeed's default is 1.0
+        "zero_allow_untested_optimizer": True,  # our torch AdamW
+        "zero_optimization": {
+            "stage": d.zero_stage,
+            "overlap_comm": env.device.type == "cuda",
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            # DeepSpeed's 5e8-element buckets, but never larger than the model: on CPU a
+            # bucket costs its full size every step (a ~20x slowdown for a micro model).
+            "reduce_bucket_size": bucket_size,
+            "allgather_bucket_size": bucket_size,
+        },
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        ds["communication_data_type"] = d.reduce_dtype
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def target_config(ds_config: dict) -> dict:
+    """The forward-only ZeRO-3 engine of the target encoder: fp32, nothing persistent
+    (every parameter lives as its partition between forwards, where the EMA updates it)."""
+    return {
+        "train_batch_size": ds_config["train_batch_size"],
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_model_persistence_threshold": 0},
+        "bf16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class DeepSpeedEngine:
+    """The engine interface of `scalejepa.engine.TorchEngine` on DeepSpeed ZeRO."""
+
+    def __init__(self, deepspeed, engine, target: torch.nn.Module, target_engine, *, zero_stage: int,
+                 autocast_dtype: torch.dtype | None, input_dtype: torch.dtype, clip_grad: float):
+        self.deepspeed = deepspeed
+        self.engine = engine
+        self.model: IJEPA = engine.module
+        self.target = target
+        self.target_forward = target_engine if target_engine is not None else target
+        self.zero_stage = zero_stage
+        self.autocast_dtype = autocast_dtype
+        self.input_dtype = input_dtype
+        self.clip_grad = clip_grad
+        self.device = engine.device
+        online, tgt = self._local(self.model.encoder), self._local(target)
+        if len(online) != len(tgt) or any(a.shape != b.shape for a, b in zip(online, tgt)):
+            raise ValueError("target and context encoders must be partitioned alike")
+
+    # -- training -----------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0) -> torch.Tensor:
+        with self._autocast():
+            targets = compute_targets(self.target_forward, images, masks)
+        loss = self.engine(images.to(self.input_dtype), masks, targets)
+        # loss_scale is our 1 / grad_accum: DeepSpeed must not divide once more.
+        self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); no update here
+        return loss.detach().float()
+
+    def step(self, lr: float, weight_decay: float):
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed step() called off the gradient-accumulation boundary")
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("apply_wd"):
+                group["weight_decay"] = weight_decay
+        self.engine.step()
+        if self.clip_grad > 0:
+            norm = self.engine.get_global_grad_norm()
+            return None if norm is None else torch.as_tensor(norm)
+        return None
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def _local(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        if self.zero_stage == 3:
+            return [p.ds_tensor for p in module.parameters()]
+        return [p.data for p in module.parameters()]
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target <- m * target + (1 - m) * context encoder, on local partitions (ZeRO-3)
+        or the replicated parameters (ZeRO-1/2): one multi-tensor lerp."""
+        target, online = self._local(self.target), self._local(self.model.encoder)
+        if online[0].dtype != target[0].dtype:
+            online = [o.to(t.dtype) for o, t in zip(online, target)]
+        torch._foreach_lerp_(target, online, 1.0 - momentum)
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("DeepSpeed checkpoints go through save_checkpoint / load_checkpoint")
+
+    def save_checkpoint(self, checkpointer, step: int, extra: dict):
+        return checkpointer.save(step, extra, writer=self._write)
+
+    def load_checkpoint(self, checkpointer, path, extra: dict) -> dict:
+        state = dict(extra)
+        checkpointer.load(path, state, reader=self._read)
+        return state
+
+    def _write(self, extra: dict, path: Path) -> None:
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"scalejepa": extra},
+                                    save_latest=False)
+        target = self.export_target()
+        if dist.get_rank() == 0:
+            torch.save(target, path / TARGET_FILE)
+            meta = {"world_size": dist.get_world_size(), "zero_stage": self.zero_stage}
+            (path / META_FILE).write_text(json.dumps(meta))
+
+    def _read(self, state: dict, path: Path) -> None:
+        meta_path = path / META_FILE
+        if not meta_path.is_file():
+            raise CheckpointError(f"{path} is not a DeepSpeed checkpoint of scalejepa (no {META_FILE}); "
+                                  "was it written by another distributed.backend?")
+        meta = json.loads(meta_path.read_text())
+        world = dist.get_world_size()
+        if (meta["world_size"], meta["zero_stage"]) != (world, self.zero_stage):
+            raise CheckpointError(
+                f"{path} was written by DeepSpeed ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks; this run "
+                f"is ZeRO-{self.zero_stage} on {world}. DeepSpeed checkpoints resume on the same world size and "
+                "stage (convert them with DeepSpeed's ds_to_universal, or train with distributed.backend=fsdp2, "
+                "whose checkpoints reshard)"
+            )
+        load_path, client_state = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None or client_state is None or "scalejepa" not in client_state:
+            raise CheckpointError(f"DeepSpeed could not load {path}")
+        state.update(client_state["scalejepa"])
+        self._load_target(path / TARGET_FILE)
+
+    @torch.no_grad()
+    def _load_target(self, file: Path) -> None:
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if self.zero_stage != 3:
+            weights = torch.load(file, map_location="cpu", mmap=True)
+            self.target.load_state_dict(weights)
+            return
+        weights = torch.load(file, map_location="cpu", mmap=True) if dist.get_rank() == 0 else None
+        for name, param in self.target.named_parameters():
+            with self.deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    param.data.copy_(weights[name])
+        for name, buffer in self.target.named_buffers():  # not partitioned: every rank loads
+            if weights is None:
+                weights = torch.load(file, map_location="cpu", mmap=True)
+            buffer.copy_(weights[name])
+
+    @torch.no_grad()
+    def export_target(self) -> dict[str, torch.Tensor]:
+        """Full fp32 target-encoder weights on the CPU of rank 0 (empty on the others)."""
+        main = dist.get_rank() == 0
+        out: dict[str, torch.Tensor] = {}
+        if self.zero_stage == 3:
+            for name, param in self.target.named_parameters():  # one parameter gathered at a time
+                with self.deepspeed.zero.GatheredParameters([param]):
+                    if main:
+                        out[name] = param.data.detach().to("cpu", copy=True)
+        else:
+            for name, param in self.target.named_parameters():
+                if main:
+                    out[name] = param.detach().to("cpu", copy=True)
+        if main:
+            for name, buffer in self.target.named_buffers():
+                out[name] = buffer.detach().to("cpu", copy=True)
+            # The module's own order (buffers first where the module registers them first).
+            order = list(self.target.state_dict().keys())
+            out = {k: out[k] for k in order if k in out}
+        return out
+
+
+def build_deepspeed_engine(config: Config, env: DistEnv, compute_dtype: torch.dtype | None) -> DeepSpeedEngine:
+    deepspeed = _import_deepspeed(env.device)
+    ensure_process_group(env)
+    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+        os.environ.setdefault(name, str(value))  # DeepSpeed asserts on them; plain `python` sets none
+    # DeepSpeed calls collectives that torch deprecates, with a warning per call: not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    d = config.distributed
+    if config.checkpoint.async_save and env.is_main:
+        log.warning("checkpoint.async_save is not used with DeepSpeed: its checkpoints are written synchronously")
+    torch.manual_seed(config.train.seed)
+    model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
+    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
+    optimizer = build_optimizer(model, config.optim, env.device)
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ds_config = deepspeed_config(config, env, compute_dtype, num_params)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    target_engine = None
+    if d.zero_stage == 3:
+        target_engine, _, _, _ = deepspeed.initialize(model=target, config=target_config(ds_config),
+                                                      dist_init_required=False)
+    else:
+        target.to(env.device)
+    if env.is_main:
+        log.info("DeepSpeed ZeRO-%d, bf16 %s, micro-batch %d x %d accumulation, clipping %s", d.zero_stage,
+                 ds_config["bf16"]["enabled"], ds_config["train_micro_batch_size_per_gpu"],
+                 ds_config["gradient_accumulation_steps"], ds_config["gradient_clipping"] or "off")
+    bf16 = ds_config["bf16"]["enabled"]
+    return DeepSpeedEngine(
+        deepspeed, engine, target, target_engine, zero_stage=d.zero_stage,
+        autocast_dtype=compute_dtype if bf16 else None, input_dtype=torch.bfloat16 if bf16 else torch.float32,
+        clip_grad=config.optim.clip_grad,
+    )

@@ -1,0 +1,79 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (its CPU accelerator, gloo, 2 processes under
+torchrun): equality with a one-process run, through a stop and a resume from DeepSpeed's
+own checkpoint format behind ``--resume auto``."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _distributed import (
+    COMMON,
+    REPO,
+    assert_losses_match,
+    assert_weights_close,
+    checkpoint,
+    dcp_state,
+    exported_target,
+    reference,
+    subprocess_env,
+    torchrun,
+)
+
+pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def zero_run(request, tmp_path_factory):
+    """2 ranks, ZeRO-<stage>: steps 1-3, stop; then --resume auto to step 6."""
+    stage = request.param
+    run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+    args = ("distributed.backend=deepspeed", f"distributed.zero_stage={stage}")
+    torchrun(run_dir, 2, *args, "train.stop_at_step=3")
+    resumed = torchrun(run_dir, 2, *args)
+    assert "resumed from" in resumed.stderr and "step_00000003 at step 3" in resumed.stderr
+    return stage, run_dir
+
+
+def test_zero_two_ranks_match_one_process(tmp_path_factory, zero_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    stage, run_dir = zero_run
+    ref = reference(tmp_path_factory)
+    assert_losses_match(run_dir, ref)
+    want = dcp_state(checkpoint(ref))
+    step_dir = checkpoint(run_dir)
+    model = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    assert_weights_close(dict(model), want["model"])
+    assert_weights_close(torch.load(step_dir / "target_encoder.pt"), want["target"])
+    exported = exported_target(run_dir)
+    assert list(exported) == list(exported_target(ref))
+    assert_weights_close(exported, exported_target(ref))
+
+
+@pytest.mark.parametrize("zero_run", [2], indirect=True, ids=["zero2"])
+def test_zero_checkpoint_on_another_world_size_is_a_clear_error(tmp_path_factory, zero_run):
+    _, run_dir = zero_run
+    cmd = [sys.executable, "-m", "scalejepa.train", "--config", "debug_cpu", "--run-dir",
+           str(tmp_path_factory.mktemp("other_world") / "run"), "--resume", str(checkpoint(run_dir, 3)), *COMMON,
+           "distributed.backend=deepspeed", "distributed.zero_stage=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "written by DeepSpeed ZeRO-2 on 2 ranks; this run is ZeRO-2 on 1" in proc.stderr
+
+
+def test_deepspeed_config_is_generated_from_ours():
+    from scalejepa.config import load_config
+    from scalejepa.dist_env import DistEnv
+    from scalejepa.parallel.deepspeed import deepspeed_config
+
+    config = load_config("debug_cpu", ["train.batch_size=64", "train.grad_accum=2", "distributed.zero_stage=3"])
+    env = DistEnv(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    ds = deepspeed_config(config, env, compute_dtype=None)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert ds["gradient_clipping"] == 0.0  # written out: DeepSpeed's default would clip at 1.0
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is False
+    config = load_config("debug_cpu", ["optim.clip_grad=10", "distributed.reduce_dtype=bf16"])
+    ds = deepspeed_config(config, env, compute_dtype=torch.bfloat16)
+    assert ds["gradient_clipping"] == 10.0 and ds["bf16"]["enabled"] and ds["communication_data_type"] == "bf16"
