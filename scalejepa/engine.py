@@ -63,17 +63,21 @@ class TorchEngine:
         self.clip_grad = clip_grad
         self.ema = EMA(target, model.encoder)
         self.device = next(model.parameters()).device
+        self.last_targets: torch.Tensor | None = None  # kept on request, for the collapse monitors
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0) -> torch.Tensor:
-        """Targets, loss, backward; returns the (detached) loss."""
+    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0,
+                         keep_targets: bool = False) -> torch.Tensor:
+        """Targets, loss, backward; returns the (detached) loss. ``keep_targets`` keeps this
+        batch's targets in ``last_targets`` (else it is cleared, freeing the memory)."""
         with self._autocast():
             targets = compute_targets(self.target, images, masks)
             loss = self.model(images, masks, targets)
+        self.last_targets = targets if keep_targets else None
         (loss * loss_scale).backward()
         return loss.detach()
 

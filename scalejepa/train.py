@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalejepa import flops
 from scalejepa.checkpoint import Checkpointer, CheckpointError, step_of
 from scalejepa.config import Config, ConfigError, load_config, preset_names, save_config, validate
 from scalejepa.data.pipeline import LoaderState, SyntheticLoader, TrainLoader
 from scalejepa.dist_env import DistEnv, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
+from scalejepa.eval.monitors import collapse_metrics
 from scalejepa.masks import MaskGenerator
 from scalejepa.metrics import MetricsWriter
 from scalejepa.parallelize import build_engine
@@ -125,16 +127,21 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
             config.model.arch, total_steps, steps_per_epoch, warmup_steps, start_step, t.batch_size,
             env.world_size, per_rank_batch // t.grad_accum, t.grad_accum,
         )
+    peak_tflops = flops.peak_tflops(env.device)
     window = Window(start_step)
     first_loss = last_loss = None
     for step in range(start_step, stop_step):
         lr, wd, momentum = schedules.lr(step), schedules.weight_decay(step), schedules.ema_momentum(step)
+        done = step + 1
+        log_step = done % t.log_every == 0 or done == stop_step
         step_loss = torch.zeros((), device=env.device)
-        for _ in range(t.grad_accum):
+        for micro in range(t.grad_accum):
             tick = time.perf_counter()
             batch = next(loader)
             window.data_wait += time.perf_counter() - tick
-            step_loss += engine.forward_backward(batch.images, batch.masks, 1.0 / t.grad_accum) / t.grad_accum
+            keep_targets = log_step and env.is_main and micro == t.grad_accum - 1  # for the collapse monitors
+            loss = engine.forward_backward(batch.images, batch.masks, 1.0 / t.grad_accum, keep_targets=keep_targets)
+            step_loss += loss / t.grad_accum
             window.add_batch(batch)
         step_loss = all_reduce_mean(step_loss)  # the global batch's loss, the same on every rank
         # The one host sync of every step: never let a non-finite loss reach the weights.
@@ -145,13 +152,17 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
                 f"can continue from its last checkpoint with --resume auto"
             )
         checkpointer.wait()  # an async save must finish reading the weights before they change
-        engine.step(lr, wd)
+        grad_norm = engine.step(lr, wd)
         engine.update_target(momentum)
         window.loss_sum += step_loss
 
-        done = step + 1
-        if done % t.log_every == 0 or done == stop_step:
+        if log_step:
             record = window.summary(done, lr, wd, momentum, env.world_size, loader.corrupt_total)
+            record.update(window.perf(config, env.world_size, peak_tflops, num_samples))
+            if grad_norm is not None:
+                record["train/grad_norm"] = float(grad_norm)
+            if env.is_main:
+                record.update(collapse_record(engine.last_targets))
             first_loss = record["train/loss"] if first_loss is None else first_loss
             last_loss = record["train/loss"]
             if env.is_main:
@@ -276,8 +287,27 @@ class Window:
             "data/corrupt_samples": corrupt,
         }
 
+    def perf(self, config: Config, world_size: int, peak: float | None, num_samples: int) -> dict[str, float]:
+        """Achieved TFLOP/s per GPU, MFU and GPU-hours per epoch from the analytic model FLOPs."""
+        return flops.perf_metrics(
+            config,
+            images_per_sec_per_gpu=self.images / self.elapsed,  # this rank's images
+            context_tokens=self.context_tokens / max(1, self.images),
+            target_tokens=self.target_tokens / max(1, self.images * config.mask.num_targets),
+            peak=peak,
+            images_per_epoch=num_samples,
+        )
+
     def eta(self, step: int, stop_step: int) -> float:
         return (stop_step - step) * self.elapsed / max(1, step - self.start_step)
+
+
+def collapse_record(targets: torch.Tensor | None) -> dict[str, float]:
+    """Collapse monitors on the last batch's targets (rows: target patches)."""
+    if targets is None or targets.shape[0] < 2:
+        return {}
+    values = collapse_metrics(targets)
+    return {"monitor/feature_std": values["feature_std"], "monitor/rankme": values["rankme"]}
 
 
 def progress_line(step: int, total: int, record: dict, eta_s: float) -> str:

@@ -29,7 +29,7 @@ def test_debug_run_writes_everything_and_loss_falls(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     for key in ("loss", "lr", "wd", "ema_momentum", "imgs_per_sec", "step_time_s", "data_wait_pct",
-                "context_tokens", "target_tokens"):
+                "context_tokens", "target_tokens", "tflops_per_gpu", "gpu_hours_per_epoch", "feature_std", "rankme"):
         assert key in records[0], key
     first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.7 * first, (first, last)
@@ -44,7 +44,8 @@ def test_debug_run_writes_everything_and_loss_falls(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/wd", "train/ema_momentum", "train/context_tokens",
-                "train/target_tokens", "perf/imgs_per_sec", "perf/step_time_s", "perf/data_wait_pct"):
+                "train/target_tokens", "perf/imgs_per_sec", "perf/step_time_s", "perf/data_wait_pct",
+                "perf/tflops_per_gpu", "perf/gpu_hours_per_epoch", "monitor/feature_std", "monitor/rankme"):
         assert tag in tags, tag
     assert len(events.Scalars("train/loss")) == 40
 

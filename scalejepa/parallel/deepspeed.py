@@ -134,6 +134,7 @@ class DeepSpeedEngine:
         self.input_dtype = input_dtype
         self.clip_grad = clip_grad
         self.device = engine.device
+        self.last_targets: torch.Tensor | None = None  # kept on request, for the collapse monitors
         online, tgt = self._local(self.model.encoder), self._local(target)
         if len(online) != len(tgt) or any(a.shape != b.shape for a, b in zip(online, tgt)):
             raise ValueError("target and context encoders must be partitioned alike")
@@ -145,9 +146,11 @@ class DeepSpeedEngine:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0,
+                         keep_targets: bool = False) -> torch.Tensor:
         with self._autocast():
             targets = compute_targets(self.target_forward, images, masks)
+        self.last_targets = targets if keep_targets else None
         loss = self.engine(images.to(self.input_dtype), masks, targets)
         # loss_scale is our 1 / grad_accum: DeepSpeed must not divide once more.
         self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
