@@ -36,12 +36,10 @@ versions, UTC time, git commit, every raw time) and a PNG bar chart to ``--out-d
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -51,7 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, environment, output_path, write_json  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("triton_varlen", "sdpa_padded", "sdpa_truncated", "flex_document")
 TARGETS = {"vith_context_fwdbwd_vs_sdpa_padded": 0.8, "long_fwd_tflops": 450.0}
@@ -276,31 +276,6 @@ def gather_benchmarks(args, dtype, device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- output
-def environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None  # None: not a git checkout / no commit
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    now = dt.datetime.now(dt.timezone.utc)
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "date": now.date().isoformat(),
-        "timestamp_utc": now.isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-    }
-
-
 def plot(results: dict, path: Path) -> str | None:
     """Bar chart of fwd+bwd (or fwd) time per case and method; returns a reason if skipped."""
     try:
@@ -415,9 +390,7 @@ def main(argv=None) -> Path:
         target = TARGETS["long_fwd_tflops"]
         results["targets"]["long_fwd_tflops"] = dict(value=value, target_min=target, met=value >= target)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = results["env"]["timestamp_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    json_path = args.out_dir / f"attention_{'smoke_' if args.smoke else ''}{stamp}.json"
+    json_path = output_path(args.out_dir, "attention", results["env"], args.smoke)
     png_path = json_path.with_suffix(".png")
     results["chart"] = png_path.name
     skipped = plot(results, png_path)
@@ -425,7 +398,7 @@ def main(argv=None) -> Path:
         results["chart"] = None
         results["chart_skipped"] = skipped
         print(f"note: no chart ({skipped})", file=sys.stderr)
-    json_path.write_text(json.dumps(results, indent=1))
+    write_json(json_path, results)
     print(f"wrote {json_path}" + ("" if skipped else f" and {png_path.name}"))
     print(json.dumps(results["targets"], indent=1))
     return json_path

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .init import init_vit_weights
-from .layers import Block, Seqs, sincos_pos_embed_2d
+from .layers import Block, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
