@@ -325,3 +325,9 @@ def validate(config: Config) -> None:
         raise ConfigError("checkpoint.keep must be >= 1")
     if config.data.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
+    e = config.eval
+    if e.knn_every and not (e.knn_train_shards and e.knn_val_shards):
+        raise ConfigError(
+            f"eval.knn_every={e.knn_every} needs eval.knn_train_shards and eval.knn_val_shards "
+            "(labeled shard sets, e.g. builtin:mnist5k:train and builtin:mnist5k:val)"
+        )

@@ -97,6 +97,11 @@ class TorchEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def eval_encoder(self):
+        """The target encoder, callable for evaluation (features of every patch)."""
+        return self.target
+
     def update_target(self, momentum: float) -> None:
         self.ema.update(momentum)
 

@@ -39,7 +39,7 @@ from scalejepa.dist_env import DistEnv, all_gather_objects, all_reduce_mean, ini
 from scalejepa.eval.monitors import collapse_metrics
 from scalejepa.masks import MaskGenerator
 from scalejepa.metrics import MetricsWriter
-from scalejepa.parallelize import build_engine
+from scalejepa.parallelize import autocast_dtype, build_engine
 from scalejepa.schedules import Schedules
 
 log = logging.getLogger("scalejepa.train")
@@ -128,12 +128,14 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
             env.world_size, per_rank_batch // t.grad_accum, t.grad_accum,
         )
     peak_tflops = flops.peak_tflops(env.device)
+    knn = build_knn_evaluator(config)
     window = Window(start_step)
     first_loss = last_loss = None
     for step in range(start_step, stop_step):
         lr, wd, momentum = schedules.lr(step), schedules.weight_decay(step), schedules.ema_momentum(step)
         done = step + 1
-        log_step = done % t.log_every == 0 or done == stop_step
+        knn_step = knn is not None and done % config.eval.knn_every == 0
+        log_step = done % t.log_every == 0 or done == stop_step or knn_step
         step_loss = torch.zeros((), device=env.device)
         for micro in range(t.grad_accum):
             tick = time.perf_counter()
@@ -163,6 +165,9 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
                 record["train/grad_norm"] = float(grad_norm)
             if env.is_main:
                 record.update(collapse_record(engine.last_targets))
+            if knn_step:  # every rank: a sharded encoder's forward is collective
+                result = knn(engine.eval_encoder, env.device, autocast_dtype(config, env.device))
+                record.update({"eval/knn_top1": result["knn_top1"], "eval/knn_top5": result["knn_top5"]})
             first_loss = record["train/loss"] if first_loss is None else first_loss
             last_loss = record["train/loss"]
             if env.is_main:
@@ -300,6 +305,17 @@ class Window:
 
     def eta(self, step: int, stop_step: int) -> float:
         return (stop_step - step) * self.elapsed / max(1, step - self.start_step)
+
+
+def build_knn_evaluator(config: Config):
+    """Periodic kNN of the target encoder on a small labeled shard set (eval.knn_every)."""
+    e = config.eval
+    if not e.knn_every:
+        return None
+    from scalejepa.eval.knn import KnnEvaluator
+
+    return KnnEvaluator(e.knn_train_shards, e.knn_val_shards, config.model.image_size, k=e.knn_k,
+                        mean=config.data.mean, std=config.data.std)
 
 
 def collapse_record(targets: torch.Tensor | None) -> dict[str, float]:

@@ -49,6 +49,18 @@ def test_debug_run_writes_everything_and_loss_falls(tmp_path):
     assert len(events.Scalars("train/loss")) == 40
 
 
+def test_periodic_knn_is_logged(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(run_dir, "train.steps=2", "eval.knn_every=2") == 0
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= last["knn_top1"] <= 100 and last["knn_top5"] >= last["knn_top1"]
+
+
+def test_periodic_knn_needs_labeled_shards(tmp_path, capsys):
+    assert run(tmp_path / "run", "eval.knn_every=2", "eval.knn_val_shards=") == 2
+    assert "eval.knn_val_shards" in capsys.readouterr().err
+
+
 def test_resume_is_bit_identical(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(straight, "mask.context=pack") == 0

@@ -180,6 +180,11 @@ class DeepSpeedEngine:
         return [p.data for p in module.parameters()]
 
     @torch.no_grad()
+    @property
+    def eval_encoder(self):
+        """The target encoder, callable for evaluation (features of every patch)."""
+        return self.target_forward
+
     def update_target(self, momentum: float) -> None:
         """target <- m * target + (1 - m) * context encoder, on local partitions (ZeRO-3)
         or the replicated parameters (ZeRO-1/2): one multi-tensor lerp."""
