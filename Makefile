@@ -9,7 +9,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/demo-$(DEMO_STAMP)
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv clean
@@ -34,8 +35,14 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	@touch $@
 
+EVAL_DATA := --train-shards builtin:mnist5k:train --val-shards builtin:mnist5k:val --compare-random
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/scalejepa-train --config debug_cpu --run-dir $(RUN_DIR)
+	@echo "== pretrained target encoder vs the same encoder at random init (MNIST digits, val split) =="
+	$(BIN)/scalejepa-eval knn --weights $(RUN_DIR) $(EVAL_DATA) --k 20 --out $(RUN_DIR)/eval_knn.json
+	$(BIN)/scalejepa-eval linear --weights $(RUN_DIR) $(EVAL_DATA) --out $(RUN_DIR)/eval_linear.json
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(RUN_DIR)/tb"
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS) tests
