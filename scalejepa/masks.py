@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scalejepa.config import MaskConfig
+from scalejepa.config import ConfigError, MaskConfig
 from scalejepa.models.layers import Seqs
 from scalejepa.models.vit import TokenSelection
 
@@ -122,14 +122,14 @@ class MaskGenerator:
         self.max_side = grid_size if self.corrected else grid_size - 1
         smallest_target = self._block_size(0.0, 0.0, config.target_scale, config.target_aspect)
         if smallest_target[0] * smallest_target[1] <= config.min_keep:
-            raise ValueError(
+            raise ConfigError(
                 f"on a {grid_size}x{grid_size} grid, target blocks at mask.target_scale={config.target_scale} can be "
                 f"as small as {smallest_target[0]}x{smallest_target[1]} patches, not more than mask.min_keep="
                 f"{config.min_keep}: lower mask.min_keep or raise mask.target_scale"
             )
         smallest_context = self._block_size(0.0, 0.0, config.context_scale, (1.0, 1.0))
         if smallest_context[0] * smallest_context[1] <= config.min_keep:
-            raise ValueError(
+            raise ConfigError(
                 f"context blocks at mask.context_scale={config.context_scale} can be as small as "
                 f"{smallest_context[0]}x{smallest_context[1]} patches: lower mask.min_keep={config.min_keep}"
             )

@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(config.train.device)
     try:
         train(config, args.run_dir, args.resume, env)
-    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
+    except ConfigError as exc:  # found once the world size, grid or data are known
+        print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
         print(f"scalejepa-train: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -88,15 +91,16 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
     if config.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    t, grid = config.train, config.model.image_size // config.model.patch_size
+    # Checks that need the world size or the patch grid, before anything is written.
+    per_rank_batch = divide_batch(t.batch_size, env.world_size, t.grad_accum)
+    mask_generator = MaskGenerator(grid, config.mask)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     resume_from = find_resume_checkpoint(checkpointer, resume)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    t, grid = config.train, config.model.image_size // config.model.patch_size
-    per_rank_batch = divide_batch(t.batch_size, env.world_size, t.grad_accum)
-    mask_generator = MaskGenerator(grid, config.mask)  # validates mask settings before any heavy work
 
     # ---------------------------------------------------------------- data size and schedules
     urls, num_samples = resolve_data(config, env)
