@@ -147,6 +147,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(step_fn, warmup: int, steps: int, device: torch.device, name: str):
+    """Run ``warmup + steps`` steps, each between two device syncs; returns (losses of all
+    steps, step times and data times of the timed ones). ``step_fn(i)`` returns the loss,
+    or (loss, seconds spent getting the batch)."""
+    losses, times, data_s = [], [], []
+    for i in range(warmup + steps):
+        if i == warmup:
+            progress(f"  {name}: warm-up done, timing {steps} steps")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = step_fn(i)
+        loss, t_data = out if isinstance(out, tuple) else (out, 0.0)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            data_s.append(t_data)
+        losses.append(loss)
+    return losses, times, data_s
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -250,18 +272,7 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
         if runner.arch != config.model.arch:
             result["note"] = f"reference code ran {runner.arch} (it has no {config.model.arch})"
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=runner.arch))
-        losses, times = [], []
-        for i in range(warmup + steps):
-            if i == warmup:
-                progress(f"  {variant.name}: warm-up done, timing {steps} steps")
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            t0 = time.perf_counter()
-            losses.append(runner.step(i))  # float(loss) syncs, as the reference does
-            sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        losses, times, _ = timed_steps(runner.step, warmup, steps, device, variant.name)  # float(loss) syncs
         lengths = [runner.lengths(i) for i in range(warmup + steps)]
         step_flops = [flops.step_flops(config, c, t).total for c, t in lengths]
         context_tokens = [c[0] for c, _ in lengths]
@@ -289,13 +300,7 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
         result["optimizer"] = optimizer_kind(engine.optimizer)
 
         host_masks, batches = prepare_batches(args, config, device, warmup + steps)
-        losses, times, data_s = [], [], []
-        for i in range(warmup + steps):
-            if i == warmup:
-                progress(f"  {variant.name}: warm-up done, timing {steps} steps")
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
+        def train_step(i: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             images, masks = batches(i)
             t_data = time.perf_counter() - t0
@@ -303,11 +308,9 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
             finite = bool(torch.isfinite(loss))  # the loop's one sync per step (train.py)
             engine.step(lr, wd)
             engine.update_target(momentum)
-            sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                data_s.append(t_data)
-            losses.append(float(loss) if finite else float("nan"))
+            return (float(loss) if finite else float("nan")), t_data
+
+        losses, times, data_s = timed_steps(train_step, warmup, steps, device, variant.name)
         if args.loader:
             result["data_wait_ms_median"] = statistics.median(data_s) * 1e3
         step_flops = [flops.batch_flops(config, m).total for m in host_masks]
