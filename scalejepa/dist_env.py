@@ -98,6 +98,14 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def barrier() -> None:
+    """Wait for every rank. Called on the success path before shutdown: a rank that
+    destroys its gloo group while a peer still finishes a collective can abort the peer
+    ("terminate called without an active exception", seen 1 run in ~7)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -35,7 +35,14 @@ from scalejepa import flops
 from scalejepa.checkpoint import Checkpointer, CheckpointError, step_of
 from scalejepa.config import Config, ConfigError, load_config, preset_names, save_config, validate
 from scalejepa.data.pipeline import LoaderState, SyntheticLoader, TrainLoader
-from scalejepa.dist_env import DistEnv, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
+from scalejepa.dist_env import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
 from scalejepa.eval.monitors import collapse_metrics
 from scalejepa.masks import MaskGenerator
 from scalejepa.metrics import MetricsWriter
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(config.train.device)
     try:
         train(config, args.run_dir, args.resume, env)
+        barrier()
     except ConfigError as exc:  # found once the world size, grid or data are known
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2

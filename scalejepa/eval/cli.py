@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     from scalejepa.data.shard_index import ShardIndexError
-    from scalejepa.dist_env import init_distributed, shutdown_distributed
+    from scalejepa.dist_env import barrier, init_distributed, shutdown_distributed
 
     try:
         env = init_distributed(args.device)
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         result = evaluate(args, env)
+        barrier()
     except (WeightsError, EvalDataError, ShardIndexError, FileNotFoundError, ValueError) as exc:
         print(f"scalejepa-eval: error: {exc}", file=sys.stderr)
         return 1
