@@ -5,8 +5,9 @@ versions, UTC date and time, git commit (and whether the work tree had local cha
 count and load average (the CPU is shared on CI-like machines: a high load means noisy
 timings). Files are named ``<name>[_smoke]_<UTC stamp>.{json,md,png}``.
 
-Imports only the standard library and torch: the GPU machines lack webdataset, braceexpand
-and deepspeed, and the synthetic benchmark paths must run there.
+Imports only the standard library, torch and ``scalejepa.io``: the GPU machines lack
+webdataset, braceexpand and deepspeed, and the synthetic benchmark paths must run there.
+:func:`write_report` is every script's writer of its ``.json`` / ``.md`` / ``.png``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,10 +107,31 @@ def output_path(out_dir: Path, name: str, env: dict, smoke: bool, suffix: str = 
 
 
 def write_json(path: Path, results: dict) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=_jsonable))
-    tmp.replace(path)
-    return path
+    from scalejepa.io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(results, indent=1, default=_jsonable))
+
+
+def write_report(json_path: Path, results: dict, *, markdown: Callable[[dict], str] | None = None,
+                 plot: Callable[[dict, Path], str | None] | None = None) -> Path:
+    """A benchmark's results files next to each other: the chart (``plot(results, png)``
+    returns None, or why it drew nothing), the Markdown table, then the JSON, which names
+    both (``chart``, ``chart_skipped``, ``table``)."""
+    from scalejepa.io import atomic_write_text
+
+    if plot is not None:
+        png_path = json_path.with_suffix(".png")
+        skipped = plot(results, png_path)
+        results["chart"] = None if skipped else png_path.name
+        if skipped:
+            results["chart_skipped"] = skipped
+        else:
+            results.pop("chart_skipped", None)
+    if markdown is not None:
+        md_path = json_path.with_suffix(".md")
+        results["table"] = md_path.name
+        atomic_write_text(md_path, markdown(results))
+    return write_json(json_path, results)
 
 
 def _jsonable(obj):
@@ -129,6 +152,16 @@ def pyplot():
     except ImportError as exc:
         return None, f"matplotlib not importable: {exc}"
     return plt, None
+
+
+def save_figure(fig, path: Path, title: str, *, smoke: bool, dpi: int = 120) -> None:
+    """Title (marked when a smoke run made it), layout, PNG, and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title + (" (smoke)" if smoke else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def progress(message: str) -> None:

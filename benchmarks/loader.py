@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, ensure_importable, environment, latest_result, output_path, progress, pyplot, write_json,
+    RESULTS_DIR, ensure_importable, environment, latest_result, output_path, progress, pyplot, save_figure,
+    write_report,
 )
 
 ensure_importable()
@@ -318,11 +319,8 @@ def plot(results: dict, path: Path) -> str | None:
         axes[1].set_ylim(bottom=0)
         axes[1].legend()
     env = results["env"]
-    fig.suptitle(f"{env['device']}, {env['date']}, load avg {env.get('loadavg_1_5_15min')}"
-                 + (" (smoke)" if results["smoke"] else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{env['device']}, {env['date']}, load avg {env.get('loadavg_1_5_15min')}",
+                smoke=results["smoke"], dpi=110)
     return None
 
 
@@ -403,15 +401,8 @@ def main(argv=None) -> Path:
     results["cores_per_gpu"] = cores_needed(results, args)
     results["env"]["loadavg_end"] = loadavg()
 
-    json_path = output_path(args.out_dir, "loader", env, args.smoke)
-    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
-    skipped = plot(results, png_path)
-    results["chart"] = None if skipped else png_path.name
-    if skipped:
-        results["chart_skipped"] = skipped
-    results["table"] = md_path.name
-    md_path.write_text(markdown(results))
-    write_json(json_path, results)
+    json_path = write_report(output_path(args.out_dir, "loader", env, args.smoke), results, markdown=markdown,
+                             plot=plot)
     progress(f"wrote {json_path}")
     print(markdown(results))
     return json_path

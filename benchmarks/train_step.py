@@ -1,9 +1,9 @@
 """Train-step throughput of an I-JEPA preset: img/s per GPU, step time, TFLOP/s, MFU, peak
 memory, and the GPU-hours projection against the paper's 1152 A100-hour budget.
 
-Every variant is built by ``scalejepa.parallelize.build_engine`` from the preset plus config
-overrides and driven exactly as ``scalejepa/train.py`` drives it (``forward_backward``, the
-loop's finite-loss check, ``step``, ``update_target``), on synthetic images (random, made on
+Every variant is built by ``scalejepa.parallel.build_engine`` from the preset plus config
+overrides and stepped by ``scalejepa.step.train_step``, the training loop's own step
+(forward + backward, the finite-loss check, optimizer step, EMA), on synthetic images (random, made on
 the device before timing) with real masks (one distinct mask batch per step, drawn before
 timing): data loading is excluded unless ``--loader`` is given. Variants, side by side:
 
@@ -73,20 +73,23 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    REPO, RESULTS_DIR, ensure_importable, environment, output_path, progress, pyplot, write_json,
+    REPO, RESULTS_DIR, ensure_importable, environment, output_path, progress, pyplot, save_figure, write_json,
+    write_report,
 )
 
 ensure_importable()
 
 from scalejepa import flops  # noqa: E402
 from scalejepa.config import Config, load_config, validate  # noqa: E402
-from scalejepa.dist_env import DistEnv  # noqa: E402
+from scalejepa.dist_env import DistEnv, ensure_process_group, shutdown_distributed  # noqa: E402
+from scalejepa.step import StepSchedule, train_step  # noqa: E402
 
 # Goals of the benchmark issue (H100, ViT-H/14, batch 128).
 TARGETS = {"img_s_per_gpu_truncate": 600.0, "mfu_pct_truncate": 40.0, "speedup_vs_reference_baseline": 3.0}
@@ -175,28 +178,10 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-_PROCESS_GROUP_DIR: tempfile.TemporaryDirectory | None = None
-
-
-def ensure_process_group(device: torch.device) -> None:
-    """A 1-rank process group (FileStore, no network) for FSDP2 / DDP on one device."""
-    global _PROCESS_GROUP_DIR
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
+def single_device_env(device: torch.device) -> DistEnv:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("benchmarks/train_step.py measures one GPU: launch it without torchrun")
-    _PROCESS_GROUP_DIR = tempfile.TemporaryDirectory(prefix="scalejepa-pg-")
-    store = dist.FileStore(os.path.join(_PROCESS_GROUP_DIR.name, "store"), 1)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
-
-
-def shutdown_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return DistEnv(rank=0, world_size=1, local_rank=device.index or 0, device=device)
 
 
 def compiled_modules(module: torch.nn.Module) -> int:
@@ -257,14 +242,15 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
     result: dict = {"variant": variant.name, "description": variant.description, **variant.tags,
                     "overrides": variant.overrides, "batch": batch, "arch": config.model.arch,
                     "precision": "bf16" if device.type == "cuda" and config.train.precision != "fp32" else "fp32"}
-    lr, wd, momentum = config.optim.lr, config.optim.weight_decay, config.optim.ema[0]
+    schedule = StepSchedule(config.optim.lr, config.optim.weight_decay, config.optim.ema[0])
+    env = single_device_env(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     if variant.reference_code:
         from _reference_ijepa import ReferenceRunner
 
-        ensure_process_group(device)  # the reference always runs under DDP
+        ensure_process_group(env)  # the reference always runs under DDP
         arch = args.reference_arch or config.model.arch
         runner = ReferenceRunner(args.reference_dir, config, batch, device, warmup + steps, arch=arch)
         result.update(reference_dir=str(args.reference_dir), arch=runner.arch, ddp=runner.ddp,
@@ -279,11 +265,8 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
         target_tokens = [t[0] for _, t in lengths]
         del runner
     else:
-        from scalejepa.parallelize import build_engine
+        from scalejepa.parallel import build_engine
 
-        if variant.tags["backend"] == "fsdp2":
-            ensure_process_group(device)
-        env = DistEnv(rank=0, world_size=1, local_rank=device.index or 0, device=device)
         engine = build_engine(config, env)
         if variant.tags["compile"] and compiled_modules(engine.model) == 0:
             raise RuntimeError("distributed.compile=true was requested but build_engine compiled no module")
@@ -300,17 +283,12 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
         result["optimizer"] = optimizer_kind(engine.optimizer)
 
         host_masks, batches = prepare_batches(args, config, device, warmup + steps)
-        def train_step(i: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            images, masks = batches(i)
-            t_data = time.perf_counter() - t0
-            loss = engine.forward_backward(images, masks, 1.0)
-            finite = bool(torch.isfinite(loss))  # the loop's one sync per step (train.py)
-            engine.step(lr, wd)
-            engine.update_target(momentum)
-            return (float(loss) if finite else float("nan")), t_data
 
-        losses, times, data_s = timed_steps(train_step, warmup, steps, device, variant.name)
+        def timed_step(i: int) -> tuple[float, float]:
+            result = train_step(engine, lambda: batches(i), schedule, step=i)  # raises on a non-finite loss
+            return float(result.loss), result.data_wait_s
+
+        losses, times, data_s = timed_steps(timed_step, warmup, steps, device, variant.name)
         if args.loader:
             result["data_wait_ms_median"] = statistics.median(data_s) * 1e3
         step_flops = [flops.batch_flops(config, m).total for m in host_masks]
@@ -335,7 +313,6 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
         context_tokens_per_image=statistics.fmean(context_tokens[warmup:]),
         target_tokens_per_block=statistics.fmean(target_tokens[warmup:]),
         losses_first_last=[losses[0], losses[-1]],
-        nonfinite_losses=sum(1 for x in losses if not math.isfinite(x)),
     )
     if device.type == "cuda":
         result["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -348,7 +325,7 @@ def apply_reference_recipe(engine, config: Config, device: torch.device) -> None
     """The reference's EMA (one parameter at a time) and optimizer (torch's default AdamW:
     multi-tensor, not fused) on a production engine."""
     from scalejepa.ema import EMA
-    from scalejepa.engine import param_groups
+    from scalejepa.parallel.engine import param_groups
 
     if not hasattr(engine, "ema") or not hasattr(engine, "optimizer"):
         raise RuntimeError(f"{type(engine).__name__} has no .ema/.optimizer to set the reference recipe on")
@@ -363,10 +340,16 @@ def optimizer_kind(optimizer) -> str:
     return f"{type(optimizer).__name__} ({mode})"
 
 
+@dataclass
+class SyntheticBatch:
+    images: torch.Tensor
+    masks: Any
+
+
 def prepare_batches(args, config: Config, device: torch.device, count: int):
-    """(host masks of every step, fn(step) -> (images, device masks)). Synthetic: random
-    images made before timing and one distinct mask batch per step; ``--loader``: the real
-    TrainLoader (its masks are read from each batch as it comes)."""
+    """(host masks of every step, fn(step) -> a batch with ``.images`` and device ``.masks``).
+    Synthetic: random images made before timing and one distinct mask batch per step;
+    ``--loader``: the real TrainLoader (its masks are read from each batch as it comes)."""
     if args.loader:
         return loader_batches(args, config, device, count)
     host = draw_masks(config, args.batch, count, args.seed)
@@ -374,7 +357,7 @@ def prepare_batches(args, config: Config, device: torch.device, count: int):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     size = config.model.image_size
     images = [torch.randn(args.batch, 3, size, size, device=device, generator=gen) for _ in range(2)]
-    return host, lambda i: (images[i % 2], device_masks[i])
+    return host, lambda i: SyntheticBatch(images[i % 2], device_masks[i])
 
 
 def loader_batches(args, config: Config, device: torch.device, count: int):
@@ -399,7 +382,7 @@ def loader_batches(args, config: Config, device: torch.device, count: int):
     def next_batch(i):
         batch = next(loader)
         host[i] = batch.masks  # read (a sync) only after the timed loop
-        return batch.images, batch.masks
+        return batch
 
     return host, next_batch
 
@@ -585,11 +568,8 @@ def plot(results: dict, path: Path) -> str | None:
     for ax in axes:
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     s, env = results["settings"], results["env"]
-    fig.suptitle(f"{s['arch']} {s['preset']}, batch {s['batch']}: {env['device']}, {env['date']}"
-                 + (" (smoke)" if results["smoke"] else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"{s['arch']} {s['preset']}, batch {s['batch']}: {env['device']}, {env['date']}",
+                smoke=results["smoke"])
     return None
 
 
@@ -689,7 +669,7 @@ def _main(args, device: torch.device) -> Path:
 
     if args.child_out is not None:  # one variant for an isolating parent
         result = run_one(args, names[0], device)
-        shutdown_process_group()
+        shutdown_distributed()
         write_json(args.child_out, result)
         return args.child_out
 
@@ -739,7 +719,7 @@ def _main(args, device: torch.device) -> Path:
             ran += 1
             save(results, json_path)  # after every variant: a killed run keeps what it measured
     finally:
-        shutdown_process_group()
+        shutdown_distributed()
     save(results, json_path)
     progress(f"wrote {json_path} (+ .md" + ("" if results.get("chart_skipped") else ", .png") + ")")
     print(markdown(results))
@@ -748,16 +728,7 @@ def _main(args, device: torch.device) -> Path:
 
 def save(results: dict, json_path: Path) -> None:
     compare(results)
-    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
-    skipped = plot(results, png_path)
-    results["chart"] = None if skipped else png_path.name
-    if skipped:
-        results["chart_skipped"] = skipped
-    else:
-        results.pop("chart_skipped", None)
-    results["table"] = md_path.name
-    md_path.write_text(markdown(results))
-    write_json(json_path, results)
+    write_report(json_path, results, markdown=markdown, plot=plot)
 
 
 def resume(args, fresh: dict, names: list[str]) -> tuple[Path, dict, list[str]]:

@@ -1,62 +1,139 @@
-"""Checkpoints: one directory per step, written with torch.distributed.checkpoint (DCP).
+"""Checkpoints: what a run saves, how it commits, and how it comes back.
 
-``RUN/checkpoints/step_00001000/`` holds the sharded state of every rank (models, target
-encoder, optimizer) and the trainer state (step, config, per-rank data positions and RNG
-states). A directory counts only once its commit marker exists: the marker is written
-(temp file + rename) after every rank finished writing, so a crash mid-save leaves an
-uncommitted directory that resume ignores and the next save cleans up. The same format
-serves one process and many, and DCP reshards on load, so a run may resume on a
-different world size.
+One owner for the run state (torchtitan's ``components/checkpoint.py`` pattern):
 
-A backend with its own checkpoint format (DeepSpeed) passes ``writer``/``reader``
-functions that fill the step directory; directories, commit markers, pruning and errors
-stay the same.
+* :class:`TrainState` is everything of the trainer that a resume needs besides the
+  models: the step, and for every rank its data position and RNG states. It is a DCP
+  ``Stateful`` of tensors, saved next to the engine's state (no JSON or pickle blobs).
+  Per-rank entries live under ``rank_<r>`` keys, so DCP keeps one copy per rank.
+* :class:`Checkpointer` writes ``RUN/checkpoints/step_XXXXXXXX/`` (names in
+  :mod:`scalejepa.layout`): the engine's files if it has a format of its own (DeepSpeed),
+  then one DCP save of the engine's sharded state and the train state, the config, and
+  last the commit marker (durably, after every rank finished). A crash mid-save leaves
+  an uncommitted directory that resume ignores and a later save removes. DCP reshards on
+  load, so FSDP2 runs may resume on another world size (data streams then restart from
+  fresh seeds: per-rank positions do not carry over to other ranks).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
+import random
 import shutil
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
 
+import numpy as np
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
+
+from scalejepa.io import atomic_write_text
+from scalejepa.layout import (
+    COMMIT_MARKER,
+    CONFIG_FILE,
+    TRAIN_STATE_KEY,
+    committed_step_dirs,
+    is_committed,
+    step_dir_name,
+    step_of,
+)
 
 log = logging.getLogger(__name__)
-
-COMMIT_MARKER = "COMMITTED"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def is_committed(path: Path) -> bool:
-    return (Path(path) / COMMIT_MARKER).is_file()
+# ----------------------------------------------------------------------------- train state
 
 
-def step_of(path: Path) -> int:
-    match = _STEP_DIR.match(Path(path).name)
-    if not match:
-        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step_00001000)")
-    return int(match.group(1))
+def _python_rng_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    version, internal, gauss = random.getstate()
+    return torch.tensor([version, *internal, -1 if gauss is None else 1], dtype=torch.int64), \
+        torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64)
 
 
-def committed_checkpoints(folder: Path) -> list[Path]:
-    """Committed step directories, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and is_committed(p)]
-    return sorted(found, key=step_of)
+def _set_python_rng(ints: torch.Tensor, gauss: torch.Tensor) -> None:
+    values = ints.tolist()
+    random.setstate((values[0], tuple(values[1:-1]), None if values[-1] < 0 else float(gauss[0])))
+
+
+def _numpy_rng_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return torch.from_numpy(key.astype(np.int64)), torch.tensor([pos, has_gauss], dtype=torch.int64), \
+        torch.tensor([gauss], dtype=torch.float64)
+
+
+def _set_numpy_rng(key: torch.Tensor, pos: torch.Tensor, gauss: torch.Tensor) -> None:
+    p, has_gauss = pos.tolist()
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), p, has_gauss, float(gauss[0])))
+
+
+class TrainState(Stateful):
+    """Step, and this rank's data position and RNG states (Python, NumPy, torch, CUDA).
+
+    ``data``: the loader's :class:`~scalejepa.data.pipeline.LoaderState` (kept by
+    reference: the loader updates it in place). ``with_rank_state=False`` leaves the
+    per-rank entries out of the next load: for a checkpoint written by another number of
+    ranks (:meth:`Checkpointer.written_by`), whose data positions belong to other ranks."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, *, with_rank_state: bool = True):
+        self.rank, self.world_size = rank, world_size
+        self.with_rank_state = with_rank_state
+        self.step = 0
+        self.data = None  # LoaderState | None
+
+    def _rank_state(self) -> dict[str, torch.Tensor]:
+        python_ints, python_gauss = _python_rng_tensors()
+        numpy_key, numpy_pos, numpy_gauss = _numpy_rng_tensors()
+        state = {"rng_python": python_ints, "rng_python_gauss": python_gauss, "rng_numpy_key": numpy_key,
+                 "rng_numpy_pos": numpy_pos, "rng_numpy_gauss": numpy_gauss, "rng_torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        # One row per data stream: [shard segment, offset in it, corrupt samples], -1 where not
+        # started. A list, not a tensor: its length (the streams) is only known once loaded.
+        state["data_streams"] = [] if self.data is None else [
+            [*self.data.positions.get(s, (-1, -1)), self.data.corrupt.get(s, -1)]
+            for s in range(self.data.num_streams)
+        ]
+        return state
+
+    def state_dict(self) -> dict:
+        state = {"step": torch.tensor(self.step), "world_size": torch.tensor(self.world_size)}
+        if self.with_rank_state:
+            state[f"rank_{self.rank}"] = self._rank_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        mine = state.get(f"rank_{self.rank}")
+        self.with_rank_state, self.data = True, None  # every later save writes this rank's state
+        if mine is None:
+            return
+        _set_python_rng(mine["rng_python"], mine["rng_python_gauss"])
+        _set_numpy_rng(mine["rng_numpy_key"], mine["rng_numpy_pos"], mine["rng_numpy_gauss"])
+        torch.set_rng_state(mine["rng_torch"])
+        if "rng_cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["rng_cuda"])
+        if mine["data_streams"]:
+            from scalejepa.data.pipeline import LoaderState
+
+            table = mine["data_streams"]
+            self.data = LoaderState(
+                num_streams=len(table),
+                positions={s: (row[0], row[1]) for s, row in enumerate(table) if row[0] >= 0},
+                corrupt={s: row[2] for s, row in enumerate(table) if row[2] >= 0},
+            )
+
+
+# ----------------------------------------------------------------------------- checkpointer
 
 
 @contextmanager
@@ -68,13 +145,26 @@ def _single_process_quiet():
         yield
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def read_commit(step_dir: Path) -> dict:
+    """The commit marker's record: ``step``, ``world_size``, ``time``."""
+    return json.loads((Path(step_dir) / COMMIT_MARKER).read_text())
 
 
 class Checkpointer:
@@ -82,7 +172,7 @@ class Checkpointer:
         self.folder = Path(folder)
         self.keep = keep
         self.async_save = async_save
-        self._pending = None  # (future, path, step) of an async save in flight
+        self._pending = None  # (future, path, step, config_text) of an async save in flight
         self._async_group = None
 
     def _async_process_group(self):
@@ -90,84 +180,93 @@ class Checkpointer:
         must not interleave with the training collectives of the main thread (and DCP
         needs a CPU backend, which an NCCL-only default group lacks). Created on the first
         save, which every rank reaches at the same step."""
-        if self._async_group is None and dist.is_available() and dist.is_initialized():
+        if self._async_group is None and _distributed():
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
 
     def latest(self) -> Path | None:
-        found = committed_checkpoints(self.folder)
+        found = committed_step_dirs(self.folder)
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict, writer: Callable[[dict, Path], Any] | None = None) -> Path:
-        """Write ``state`` for ``step``. With async_save this returns once the state is
-        staged; call :meth:`wait` (done before the next save, and by the trainer before
-        the next optimizer step) to commit it. ``writer(state, path)``: write with another
-        format than DCP (synchronously), e.g. DeepSpeed's own."""
+    def save(self, step: int, engine, train_state: TrainState, config_text: str) -> Path:
+        """Write ``step``: the engine's own files (if any), then its DCP state and the train
+        state, the config, and the commit marker. With async_save this returns once the
+        state is staged; :meth:`wait` (called before the next save, and by the trainer
+        before the next optimizer step) commits it."""
         self.wait()
-        path = self.folder / f"step_{step:08d}"
+        path = self.folder / step_dir_name(step)
         if _rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             if path.exists():  # an uncommitted leftover of a crashed save, or a rerun of this step
                 shutil.rmtree(path)
         _barrier()
-        if writer is not None:
-            writer(state, path)
-            self._commit(path, step)
-            return path
+        train_state.step = step
+        engine.save_files(path)
+        state = {**engine.checkpoint_state(), TRAIN_STATE_KEY: train_state}
         with _single_process_quiet():
-            if self.async_save:
+            if self.async_save and not engine.writes_own_files:
                 future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_process_group())
-                self._pending = (future, path, step)
-            else:
-                dcp.save(state, checkpoint_id=str(path))
-        if not self.async_save:
-            self._commit(path, step)
+                self._pending = (future, path, step, config_text)
+                return path
+            dcp.save(state, checkpoint_id=str(path))
+        self._commit(path, step, config_text)
         return path
 
     def wait(self) -> None:
         if self._pending is None:
             return
-        future, path, step = self._pending
+        future, path, step, config_text = self._pending
         self._pending = None
         future.result()
-        self._commit(path, step)
+        self._commit(path, step, config_text)
 
-    def _commit(self, path: Path, step: int) -> None:
-        _barrier()  # every rank has written its shards
+    def _commit(self, path: Path, step: int, config_text: str) -> None:
+        _barrier()  # every rank has written its files
         if _rank() == 0:
-            marker = path / COMMIT_MARKER
-            tmp = path / f".{COMMIT_MARKER}.tmp"
-            tmp.write_text(json.dumps({"step": step, "time": time.time()}))
-            os.replace(tmp, marker)
+            atomic_write_text(path / CONFIG_FILE, config_text)
+            record = {"step": step, "world_size": _world_size(), "time": time.time()}
+            atomic_write_text(path / COMMIT_MARKER, json.dumps(record))
             self._prune()
         _barrier()
 
     def _prune(self) -> None:
-        committed = committed_checkpoints(self.folder)
+        committed = committed_step_dirs(self.folder)
         for old in committed[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=False)
+            shutil.rmtree(old)
         newest = step_of(committed[-1]) if committed else -1
         for leftover in self.folder.iterdir():
-            if _STEP_DIR.match(leftover.name) and not is_committed(leftover) and step_of(leftover) < newest:
+            step = step_of(leftover)
+            if step is not None and step < newest and not is_committed(leftover):
                 shutil.rmtree(leftover)
 
-    def load(self, path: str | Path, state: dict, reader: Callable[[dict, Path], Any] | None = None) -> None:
-        """Load into ``state`` in place. Anything wrong is an error, never a fresh start.
-        ``reader(state, path)``: the counterpart of :meth:`save`'s ``writer``."""
+    @staticmethod
+    def check_committed(path: str | Path) -> Path:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
+        if step_of(path) is None:
+            raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step_00001000)")
         if not is_committed(path):
             raise CheckpointError(
                 f"checkpoint {path} has no {COMMIT_MARKER} marker: its save did not finish. "
                 f"Resume from an earlier step directory, or with --resume auto (which skips it)"
             )
+        return path
+
+    @staticmethod
+    def written_by(path: str | Path) -> int:
+        """How many ranks wrote the committed checkpoint ``path``."""
+        return int(read_commit(Checkpointer.check_committed(path))["world_size"])
+
+    def load(self, path: str | Path, engine, train_state: TrainState) -> None:
+        """Load ``path`` into the engine and ``train_state`` in place. Anything wrong is an
+        error naming the checkpoint, never a fresh start."""
+        path = self.check_committed(path)
         try:
+            engine.load_files(path)
+            state = {**engine.checkpoint_state(), TRAIN_STATE_KEY: train_state}
             with _single_process_quiet():
-                if reader is not None:
-                    reader(state, path)
-                else:
-                    dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, checkpoint_id=str(path))
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException

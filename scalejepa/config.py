@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from scalejepa.io import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
@@ -216,8 +218,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, prefix="")
 
 
+def config_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, config_yaml(config))
 
 
 # ----------------------------------------------------------------------------- checking

@@ -16,20 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
-from scalejepa.eval.weights import (
-    SIDECAR_FORMAT,
-    SIDECAR_VERSION,
-    EncoderWeights,
-    WeightsError,
-    load_weights,
-    sidecar_path,
-)
+from scalejepa.eval.spec import SIDECAR_FORMAT, SIDECAR_VERSION, EncoderWeights, WeightsError
+from scalejepa.eval.weights import load_weights, sidecar_path
+from scalejepa.io import atomic_torch_save, atomic_write_text
 from scalejepa.models.vit import VIT_SIZES
 
 
@@ -52,18 +44,13 @@ def sidecar(weights: EncoderWeights, entry: str) -> dict:
 
 
 def write_export(weights: EncoderWeights, out: str | Path, entry: str = "target") -> tuple[Path, dict]:
-    """Write ``weights`` to ``out`` and its sidecar next to it (each via temp + rename)."""
+    """Write ``weights`` to ``out`` and its sidecar next to it, each durably (training's
+    final export and ``scalejepa-export`` both come through here)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.state_dict.items()}
     meta = sidecar(weights, entry)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
-    side = sidecar_path(out)
-    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, side)
+    atomic_torch_save(state, out)
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=1) + "\n")
     return out, meta
 
 

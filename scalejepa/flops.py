@@ -24,7 +24,7 @@ FLOPs of a ViT-H step. ``tests/test_flops.py`` checks the count against
 ``torch.utils.flop_counter.FlopCounterMode`` exactly.
 
 Training logs use :func:`step_flops_per_image` (mean tokens per image and per target block,
-which the loop knows from its batches) with :func:`peak_tflops` and :func:`perf_metrics`;
+which the loop knows from its batches) with :func:`peak_tflops` (``scalejepa.metrics``);
 benchmarks use :func:`batch_flops` (exact, from a batch's per-sequence lengths).
 """
 
@@ -284,30 +284,3 @@ def mfu_pct(flops_per_image: float, images_per_sec: float, peak: float | None) -
 def gpu_hours(images: float, images_per_sec_per_gpu: float) -> float:
     """GPU-hours to process ``images`` at a per-GPU rate (compute only, perfect scaling)."""
     return images / images_per_sec_per_gpu / 3600.0
-
-
-def perf_metrics(
-    config: Config,
-    *,
-    images_per_sec_per_gpu: float,
-    context_tokens: float,
-    target_tokens: float,
-    peak: float | None,
-    images_per_epoch: int | None = None,
-) -> dict[str, float]:
-    """The ``perf/*`` scalars for training logs: ``perf/tflops_per_gpu``, ``perf/mfu_pct``
-    (left out when ``peak`` is None: CPU or an unknown GPU) and ``perf/gpu_hours_per_epoch``
-    (``images_per_epoch``: default ``config.data.num_samples``, left out if 0).
-
-    ``images_per_sec_per_gpu``: images one rank trained per second over the log window;
-    ``context_tokens`` / ``target_tokens``: as :func:`step_flops_per_image`.
-    """
-    flops = step_flops_per_image(config, context_tokens, target_tokens)
-    out = {"perf/tflops_per_gpu": flops * images_per_sec_per_gpu / 1e12}
-    mfu = mfu_pct(flops, images_per_sec_per_gpu, peak)
-    if mfu is not None:
-        out["perf/mfu_pct"] = mfu
-    epoch = images_per_epoch if images_per_epoch is not None else config.data.num_samples
-    if epoch and images_per_sec_per_gpu > 0:
-        out["perf/gpu_hours_per_epoch"] = gpu_hours(epoch, images_per_sec_per_gpu)
-    return out

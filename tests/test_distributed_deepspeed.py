@@ -2,6 +2,7 @@
 torchrun): equality with a one-process run, through a stop and a resume from DeepSpeed's
 own checkpoint format behind ``--resume auto``."""
 
+import json
 import subprocess
 import sys
 
@@ -21,15 +22,20 @@ from _distributed import (
     torchrun,
 )
 
+from scalejepa.layout import DEEPSPEED_SUBDIR
+
 pytest.importorskip("deepspeed")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def zero_run(request, tmp_path_factory):
-    """2 ranks, ZeRO-<stage>: steps 1-3, stop; then --resume auto to step 6."""
+    """2 ranks, ZeRO-<stage>: steps 1-3, stop; then --resume auto to step 6. ZeRO-2 also
+    runs the periodic kNN of the target encoder every 3 steps."""
     stage = request.param
     run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
     args = ("distributed.backend=deepspeed", f"distributed.zero_stage={stage}")
+    if stage == 2:
+        args += ("eval.knn_every=3",)
     torchrun(run_dir, 2, *args, "train.stop_at_step=3")
     resumed = torchrun(run_dir, 2, *args)
     assert "resumed from" in resumed.stderr and "step_00000003 at step 3" in resumed.stderr
@@ -44,12 +50,20 @@ def test_zero_two_ranks_match_one_process(tmp_path_factory, zero_run):
     assert_losses_match(run_dir, ref)
     want = dcp_state(checkpoint(ref))
     step_dir = checkpoint(run_dir)
-    model = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    model = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_SUBDIR)
     assert_weights_close(dict(model), want["model"])
     assert_weights_close(torch.load(step_dir / "target_encoder.pt"), want["target"])
     exported = exported_target(run_dir)
     assert list(exported) == list(exported_target(ref))
     assert_weights_close(exported, exported_target(ref))
+
+
+@pytest.mark.parametrize("zero_run", [2], indirect=True, ids=["zero2"])
+def test_zero2_periodic_knn_of_the_target_encoder(zero_run):
+    _, run_dir = zero_run
+    knn = {r["step"]: r["knn_top1"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if "knn_top1" in r}
+    assert sorted(knn) == [3, 6] and all(0 <= v <= 100 for v in knn.values()), knn
 
 
 @pytest.mark.parametrize("zero_run", [2], indirect=True, ids=["zero2"])

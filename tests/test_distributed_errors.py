@@ -38,7 +38,6 @@ def test_several_processes_need_a_distributed_backend(tmp_path, capsys, monkeypa
     monkeypatch.setattr(train_module, "init_distributed",
                         lambda device: DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
     monkeypatch.setattr(train_module, "shutdown_distributed", lambda: None)
-    monkeypatch.setattr(train_module, "all_gather_objects", lambda obj: [obj, obj])
     assert train_here(tmp_path / "run", "train.steps=1") == 2
     assert "distributed.backend=none" in capsys.readouterr().err
 

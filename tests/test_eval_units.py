@@ -153,7 +153,7 @@ def test_build_encoder_from_rejects_wrong_shapes():
 
 def test_random_init_is_the_runs_initial_target_encoder():
     config = load_config("debug_cpu", ["train.seed=7"])
-    torch.manual_seed(config.train.seed)  # as parallelize.build_engine does
+    torch.manual_seed(config.train.seed)  # as scalejepa.parallel.build_engine does
     _, target = build_models(config.model)
     spec = EncoderSpec(config.model.arch, config.model.image_size, config.model.patch_size)
     state = torch.get_rng_state()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from scalejepa.eval.weights import EncoderSpec, WeightsError, infer_spec, strip_wrappers
+from scalejepa.eval.spec import EncoderSpec, EncoderWeights, WeightsError, check_fits, infer_spec, strip_wrappers
 
 REFERENCE_ENTRIES = ("encoder", "predictor", "target_encoder")
 _PRED_BLOCK_KEY = re.compile(r"^predictor_blocks\.(\d+)\.")
@@ -42,8 +42,6 @@ def reference_entry(checkpoint: Mapping[str, Any], entry: str) -> dict[str, torc
 def reference_encoder_state(checkpoint: Mapping[str, Any], entry: str = "target_encoder") -> dict[str, torch.Tensor]:
     """The (target) encoder's weights in our names, checked against the architecture
     its shapes imply."""
-    from scalejepa.eval.weights import EncoderWeights, check_fits
-
     state = reference_entry(checkpoint, entry)
     spec = infer_spec({k: v.shape for k, v in state.items()})
     check_fits(EncoderWeights(state, spec, f"reference {entry}"))

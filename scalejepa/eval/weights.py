@@ -10,104 +10,42 @@ run's seed, which reproduces the exact weights its target encoder started from).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
-import re
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from scalejepa.config import ModelConfig
-from scalejepa.models.vit import VIT_SIZES, VisionTransformer
-
-log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SIDECAR_FORMAT = "scalejepa-encoder"
-SIDECAR_VERSION = 1
-# Wrapper components that never belong to a parameter name: DDP/DeepSpeed (module.),
-# torch.compile (_orig_mod.), activation checkpointing (_checkpoint_wrapped_module.).
-_WRAPPER_PARTS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
-# DeepSpeed step directories keep the target encoder here (scalejepa/parallel/deepspeed.py).
-DEEPSPEED_TARGET_FILE = "target_encoder.pt"
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
-
-
-class WeightsError(ValueError):
-    """The weights cannot be used as given; the message says what to pass instead."""
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What an evaluation needs to rebuild and feed an encoder."""
-
-    arch: str
-    image_size: int
-    patch_size: int
-    in_chans: int = 3
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(arch=self.arch, image_size=self.image_size, patch_size=self.patch_size,
-                           in_chans=self.in_chans, attn_impl="sdpa")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-@dataclass
-class EncoderWeights:
-    """A state dict in our names, its spec, and where it came from (for reports)."""
-
-    state_dict: dict[str, torch.Tensor]
-    spec: EncoderSpec
-    source: str
-    step: int | None = None
-    seed: int = 0  # the run's train.seed when known: the random-init baseline reuses it
-
-
-# ----------------------------------------------------------------------------- names and shapes
-
-
-def strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop wrapper components (``module.``, ``_orig_mod.``, ...) from every key."""
-    out = {}
-    for key, value in state_dict.items():
-        name = ".".join(part for part in key.split(".") if part not in _WRAPPER_PARTS)
-        if name in out:
-            raise WeightsError(f"two entries map to {name!r} once wrapper prefixes are removed")
-        out[name] = value
-    return out
-
-
-def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> EncoderSpec:
-    """Architecture, patch size and input size from encoder parameter shapes (our names)."""
-    for needed in ("patch_embed.proj.weight", "pos_embed"):
-        if needed not in shapes:
-            raise WeightsError(
-                f"no {needed!r} among the weights' {len(shapes)} entries (first: {sorted(shapes)[:3]}): "
-                "this is not a ViT encoder state dict"
-            )
-    dim, in_chans, patch, _ = shapes["patch_embed.proj.weight"]
-    num_patches = shapes["pos_embed"][-2]
-    grid = int(round(num_patches**0.5))
-    depth = len({int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))})
-    hidden = shapes.get("blocks.0.mlp.fc1.weight", (None,))[0]
-    for arch, size in VIT_SIZES.items():
-        if (size.embed_dim, size.depth) == (dim, depth) and hidden in (None, size.mlp_hidden_dim):
-            return EncoderSpec(arch, grid * patch, patch, in_chans, tuple(mean), tuple(std))
-    raise WeightsError(
-        f"no known architecture has width {dim}, depth {depth} and MLP width {hidden}; known: "
-        + ", ".join(f"{a} ({s.embed_dim}x{s.depth})" for a, s in VIT_SIZES.items())
-    )
-
+from scalejepa.eval.reference import is_reference_checkpoint, reference_encoder_state
+from scalejepa.eval.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SIDECAR_FORMAT,
+    EncoderSpec,
+    EncoderWeights,
+    WeightsError,
+    check_fits,
+    infer_spec,
+    strip_wrappers,
+)
+from scalejepa.ijepa import build_encoder
+from scalejepa.layout import (
+    COMMIT_MARKER,
+    CONFIG_FILE,
+    DEEPSPEED_META_FILE,
+    DEEPSPEED_TARGET_FILE,
+    MODEL_KEY,
+    TARGET_KEY,
+    RunDir,
+    committed_step_dirs,
+    is_committed,
+    step_of,
+)
+from scalejepa.models.layers import sincos_pos_embed_2d
+from scalejepa.models.vit import VisionTransformer
 
 # ----------------------------------------------------------------------------- sources
 
@@ -128,13 +66,12 @@ def load_weights(path: str | Path, entry: str = "target") -> EncoderWeights:
             "(RUN/checkpoints/step_XXXXXXXX), an exported .pt file, or --random-init"
         )
     if path.is_dir():
-        from scalejepa.checkpoint import committed_checkpoints
-
-        if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
-            found = committed_checkpoints(path / "checkpoints")
+        run = RunDir(path)
+        if step_of(path) is None and run.looks_like_run():
+            found = committed_step_dirs(run.checkpoints)
             if found:
                 return load_step_dir(found[-1], entry)
-            exported = path / "export" / "target_encoder.pt"
+            exported = run.export
             if exported.is_file() and entry == "target":
                 return load_pt(exported)
             if exported.is_file():
@@ -151,24 +88,21 @@ def load_weights(path: str | Path, entry: str = "target") -> EncoderWeights:
 def load_step_dir(step_dir: Path, entry: str = "target") -> EncoderWeights:
     """A checkpoint step directory: DCP (one-process and FSDP2 runs) or DeepSpeed's, which
     keeps the target encoder as a full state dict next to DeepSpeed's own files."""
-    from scalejepa.checkpoint import is_committed, step_of
-
-    if (step_dir / ".metadata").is_file():
+    if not (step_dir / DEEPSPEED_META_FILE).is_file():
+        if not (step_dir / ".metadata").is_file():
+            raise WeightsError(
+                f"{step_dir} is neither a run directory ({CONFIG_FILE}, checkpoints/) nor a checkpoint step directory "
+                f"(DCP .metadata or {DEEPSPEED_META_FILE}, {COMMIT_MARKER})"
+            )
         return load_dcp_checkpoint(step_dir, entry)
-    deepspeed_target = step_dir / DEEPSPEED_TARGET_FILE
-    if not deepspeed_target.is_file():
-        raise WeightsError(
-            f"{step_dir} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint step directory "
-            f"(.metadata or {DEEPSPEED_TARGET_FILE}, COMMITTED)"
-        )
     if not is_committed(step_dir):
-        raise WeightsError(f"checkpoint {step_dir} has no COMMITTED marker: its save did not finish")
+        raise WeightsError(f"checkpoint {step_dir} has no {COMMIT_MARKER} marker: its save did not finish")
     if entry != "target":
         raise WeightsError(
             f"{step_dir} is a DeepSpeed checkpoint: only its target encoder is stored as plain weights "
             "(convert the context encoder with DeepSpeed's zero_to_fp32.py)"
         )
-    weights = load_pt(deepspeed_target, entry, run_config=_read_yaml(step_dir.parent.parent / "config.yaml"))
+    weights = load_pt(step_dir / DEEPSPEED_TARGET_FILE, entry, run_config=_step_config(step_dir))
     weights.step = step_of(step_dir)
     return weights
 
@@ -179,16 +113,14 @@ def load_dcp_checkpoint(step_dir: str | Path, entry: str = "target") -> EncoderW
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from scalejepa.checkpoint import is_committed, step_of
-
     step_dir = Path(step_dir)
     if not is_committed(step_dir):
         raise WeightsError(
-            f"checkpoint {step_dir} has no COMMITTED marker: its save did not finish. "
+            f"checkpoint {step_dir} has no {COMMIT_MARKER} marker: its save did not finish. "
             "Pass an earlier step directory, or the run directory (which picks the newest committed one)"
         )
-    # The engine saves {"model": IJEPA (encoder.*, predictor.*), "target": encoder, ...}.
-    top, prefix = ("target", "") if entry == "target" else ("model", "encoder.")
+    # The trained I-JEPA module (encoder.*, predictor.*) and the target encoder.
+    top, prefix = (TARGET_KEY, "") if entry == "target" else (MODEL_KEY, "encoder.")
     reader = dcp.FileSystemReader(str(step_dir))
     metadata = reader.read_metadata()
     head = f"{top}.{prefix}"
@@ -200,13 +132,10 @@ def load_dcp_checkpoint(step_dir: str | Path, entry: str = "target") -> EncoderW
     if not tensors:
         raise WeightsError(f"checkpoint {step_dir} holds no {head}* tensors: not a scalejepa training checkpoint")
     state: dict[str, Any] = {top: {prefix + k: v for k, v in tensors.items()}}
-    if "trainer" in metadata.state_dict_metadata:
-        state["trainer"] = ""
     with warnings.catch_warnings():  # DCP warns that it "assumes a single process": that is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=reader, no_dist=True)
-    trainer = json.loads(state["trainer"]) if state.get("trainer") else {}
-    config = trainer.get("config", {})
+    config = _step_config(step_dir)
     data, train = config.get("data", {}), config.get("train", {})
     state_dict = {k[len(prefix):]: v for k, v in state[top].items()}
     spec = infer_spec({k: v.shape for k, v in state_dict.items()},
@@ -219,8 +148,6 @@ def load_dcp_checkpoint(step_dir: str | Path, entry: str = "target") -> EncoderW
 def load_pt(path: str | Path, entry: str = "target", run_config: dict[str, Any] | None = None) -> EncoderWeights:
     """An exported state dict (ours, or any ViT with our names, wrapper prefixes allowed)
     or a reference I-JEPA checkpoint (``encoder`` / ``target_encoder`` / ``predictor``)."""
-    from scalejepa.eval.reference import is_reference_checkpoint, reference_encoder_state
-
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -264,42 +191,25 @@ def read_sidecar(weights_path: str | Path) -> dict[str, Any] | None:
 
 def _run_config_near(path: Path) -> dict[str, Any]:
     """RUN/config.yaml for RUN/export/target_encoder.pt; {} elsewhere."""
-    return _read_yaml(path.parent.parent / "config.yaml") if path.parent.name == "export" else {}
+    run = RunDir(path.parent.parent)
+    return _read_yaml(run.config) if run.export == path else {}
+
+
+def _step_config(step_dir: Path) -> dict[str, Any]:
+    """The config that wrote a step directory (kept inside it), else its run's."""
+    own = step_dir / CONFIG_FILE
+    return _read_yaml(own if own.is_file() else RunDir(step_dir.parent.parent).config)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def check_fits(weights: EncoderWeights) -> None:
-    """Names and shapes of ``weights`` against the model of its spec (built on the meta
-    device: no memory, no init); ``pos_embed`` may be absent (a fixed table)."""
-    from scalejepa.ijepa import build_encoder
-
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in build_encoder(weights.spec.model_config()).state_dict().items()}
-    given = weights.state_dict
-    missing = [k for k in expected if k not in given and k != "pos_embed"]
-    unexpected = [k for k in given if k not in expected]
-    wrong = [f"{k} {tuple(v.shape)} (needs {tuple(expected[k])})"
-             for k, v in given.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
-    if missing or unexpected or wrong:
-        raise WeightsError(
-            f"weights from {weights.source} do not fit {weights.spec.arch}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:3]}"
-        )
-
-
 def build_encoder_from(weights: EncoderWeights, device: torch.device | str = "cpu") -> VisionTransformer:
     """The encoder of ``weights.spec`` with the weights loaded (names and shapes checked)."""
-    from scalejepa.ijepa import build_encoder
-    from scalejepa.models.layers import sincos_pos_embed_2d
-
     check_fits(weights)
     # Built on the meta device: no time spent on an init that the weights overwrite.
     with torch.device("meta"):
@@ -315,8 +225,6 @@ def build_encoder_from(weights: EncoderWeights, device: torch.device | str = "cp
 def random_encoder(spec: EncoderSpec, seed: int = 0, device: torch.device | str = "cpu") -> VisionTransformer:
     """The untrained baseline. With the run's ``train.seed`` these are exactly the weights
     the run's target encoder started from (build_models draws the encoder first)."""
-    from scalejepa.ijepa import build_encoder
-
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
         torch.manual_seed(seed)
         encoder = build_encoder(spec.model_config())

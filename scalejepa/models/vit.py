@@ -1,7 +1,7 @@
 """Vision Transformer encoder on packed token sets.
 
 Single-device model code: parallelism (FSDP2, DeepSpeed, checkpointing, compile) is
-applied from outside by `scalejepa.parallelize`. Parameter names follow the reference
+applied from outside by `scalejepa.parallel`. Parameter names follow the reference
 I-JEPA (and timm) so its checkpoints load after stripping wrapper prefixes.
 """
 

@@ -1,49 +1,13 @@
 """Parallelism applied from outside the model code (torchtitan's ``parallelize`` pattern).
 
-``scalejepa.parallelize.build_engine`` picks the backend; ``fsdp`` and ``deepspeed`` hold
-the two distributed ones. This module holds what they share: per-block activation
-checkpointing and ``torch.compile``, applied in place so parameter names never gain
-wrapper prefixes (``_checkpoint_wrapped_module.``, ``_orig_mod.``).
+``build_engine`` (``build.py``) builds the models once and lets the configured backend wrap
+them: ``fsdp.py`` (FSDP2) or ``deepspeed.py`` (ZeRO). ``blocks.py`` holds the per-block
+options every backend shares, ``precision.py`` the compute dtypes, ``engine.py`` the
+:class:`Engine` protocol that the loop talks to.
 """
 
-from __future__ import annotations
+from scalejepa.parallel.build import build_engine
+from scalejepa.parallel.engine import Engine
+from scalejepa.parallel.precision import autocast_dtype
 
-import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from scalejepa.ijepa import IJEPA
-
-
-def trained_blocks(model: IJEPA) -> list[nn.Module]:
-    """The transformer blocks of the context encoder and the predictor."""
-    return [*model.encoder.blocks, *model.predictor.predictor_blocks]
-
-
-def checkpoint_activations(block: nn.Module) -> None:
-    """Recompute the block's activations in backward (non-reentrant checkpoint).
-
-    The instance's ``forward`` is replaced, not the module wrapped: hooks that FSDP2 or
-    DeepSpeed put on the block still run around ``__call__``, and names stay unchanged."""
-    forward = block.forward
-
-    def checkpointed_forward(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = checkpointed_forward
-
-
-def apply_block_options(model: IJEPA, target: nn.Module, *, activation_checkpointing: bool, compile: bool) -> None:
-    """Activation checkpointing (trained blocks only: the target runs without gradients)
-    and per-block ``torch.compile`` (every block), before any sharding, as torchtitan
-    orders them: checkpoint -> compile -> shard."""
-    if activation_checkpointing:
-        for block in trained_blocks(model):
-            checkpoint_activations(block)
-    if compile:
-        for block in [*trained_blocks(model), *target.blocks]:
-            block.compile()
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+__all__ = ["Engine", "autocast_dtype", "build_engine"]

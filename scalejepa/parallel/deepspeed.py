@@ -22,9 +22,10 @@
   weights in the optimizer, gradients communicated in ``distributed.reduce_dtype``); the
   target runs under ``torch.autocast`` bf16. The EMA reads the context encoder's bf16
   parameters (the rounded fp32 master weights).
-* Checkpoints: DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` into our step
-  directory (same commit marker, pruning and ``--resume auto``), the trainer state in its
-  ``client_state``, the target encoder as a full fp32 state dict (``target_encoder.pt``).
+* Checkpoints: DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` into the step
+  directory's ``deepspeed/`` (same commit marker, pruning and ``--resume auto``), the target
+  encoder as a full fp32 state dict (``target_encoder.pt``); the train state goes through
+  DCP as for every engine (``scalejepa.checkpoint``).
   DeepSpeed checkpoints resume on the same world size and ZeRO stage only (use
   DeepSpeed's universal-checkpoint conversion, or FSDP2, to change them).
 
@@ -47,15 +48,15 @@ import torch.distributed as dist
 from scalejepa.checkpoint import CheckpointError
 from scalejepa.config import Config, ConfigError
 from scalejepa.dist_env import DistEnv, ensure_process_group
-from scalejepa.engine import build_optimizer
-from scalejepa.ijepa import IJEPA, build_models, compute_targets
+from scalejepa.ijepa import IJEPA, compute_targets
+from scalejepa.io import atomic_torch_save, atomic_write_text
+from scalejepa.layout import DEEPSPEED_META_FILE, DEEPSPEED_SUBDIR, DEEPSPEED_TARGET_FILE
 from scalejepa.masks import MaskBatch
-from scalejepa.parallel import apply_block_options
+from scalejepa.models.vit import VisionTransformer
+from scalejepa.parallel.engine import build_optimizer, set_schedule
+from scalejepa.parallel.precision import autocast_dtype
 
 log = logging.getLogger(__name__)
-
-META_FILE = "scalejepa_deepspeed.json"
-TARGET_FILE = "target_encoder.pt"
 
 
 def _import_deepspeed(device: torch.device):
@@ -119,8 +120,10 @@ def target_config(ds_config: dict) -> dict:
     }
 
 
-class DeepSpeedEngine:
-    """The engine interface of `scalejepa.engine.TorchEngine` on DeepSpeed ZeRO."""
+class ZeroEngine:
+    """The :class:`~scalejepa.parallel.engine.Engine` protocol on DeepSpeed ZeRO."""
+
+    writes_own_files = True
 
     def __init__(self, deepspeed, engine, target: torch.nn.Module, target_engine, *, zero_stage: int,
                  autocast_dtype: torch.dtype | None, input_dtype: torch.dtype, clip_grad: float):
@@ -161,28 +164,22 @@ class DeepSpeedEngine:
     def step(self, lr: float, weight_decay: float):
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed step() called off the gradient-accumulation boundary")
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-            if group.get("apply_wd"):
-                group["weight_decay"] = weight_decay
+        set_schedule(self.engine.optimizer, lr, weight_decay)
         self.engine.step()
         if self.clip_grad > 0:
             norm = self.engine.get_global_grad_norm()
             return None if norm is None else torch.as_tensor(norm)
         return None
 
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
-
     def _local(self, module: torch.nn.Module) -> list[torch.Tensor]:
         if self.zero_stage == 3:
             return [p.ds_tensor for p in module.parameters()]
         return [p.data for p in module.parameters()]
 
-    @torch.no_grad()
     @property
-    def eval_encoder(self):
-        """The target encoder, callable for evaluation (features of every patch)."""
+    def eval_encoder(self) -> torch.nn.Module:
+        """The target encoder, callable for evaluation: under ZeRO-3 its engine, which
+        gathers the partitioned parameters around each forward."""
         return self.target_forward
 
     def update_target(self, momentum: float) -> None:
@@ -195,47 +192,37 @@ class DeepSpeedEngine:
 
     # -- checkpoints ----------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed checkpoints go through save_checkpoint / load_checkpoint")
+    def checkpoint_state(self) -> dict:
+        return {}  # DeepSpeed writes the models and optimizer itself (save_files)
 
-    def save_checkpoint(self, checkpointer, step: int, extra: dict):
-        return checkpointer.save(step, extra, writer=self._write)
-
-    def load_checkpoint(self, checkpointer, path, extra: dict) -> dict:
-        state = dict(extra)
-        checkpointer.load(path, state, reader=self._read)
-        return state
-
-    def _write(self, extra: dict, path: Path) -> None:
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"scalejepa": extra},
-                                    save_latest=False)
+    def save_files(self, step_dir: Path) -> None:
+        self.engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_SUBDIR, save_latest=False)
         target = self.export_target()
         if dist.get_rank() == 0:
-            torch.save(target, path / TARGET_FILE)
+            atomic_torch_save(target, step_dir / DEEPSPEED_TARGET_FILE)
             meta = {"world_size": dist.get_world_size(), "zero_stage": self.zero_stage}
-            (path / META_FILE).write_text(json.dumps(meta))
+            atomic_write_text(step_dir / DEEPSPEED_META_FILE, json.dumps(meta))
 
-    def _read(self, state: dict, path: Path) -> None:
-        meta_path = path / META_FILE
+    def load_files(self, step_dir: Path) -> None:
+        meta_path = step_dir / DEEPSPEED_META_FILE
         if not meta_path.is_file():
-            raise CheckpointError(f"{path} is not a DeepSpeed checkpoint of scalejepa (no {META_FILE}); "
+            raise CheckpointError(f"{step_dir} is not a DeepSpeed checkpoint of scalejepa (no {DEEPSPEED_META_FILE}); "
                                   "was it written by another distributed.backend?")
         meta = json.loads(meta_path.read_text())
         world = dist.get_world_size()
         if (meta["world_size"], meta["zero_stage"]) != (world, self.zero_stage):
             raise CheckpointError(
-                f"{path} was written by DeepSpeed ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks; this run "
-                f"is ZeRO-{self.zero_stage} on {world}. DeepSpeed checkpoints resume on the same world size and "
+                f"{step_dir} was written by DeepSpeed ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks; this "
+                f"run is ZeRO-{self.zero_stage} on {world}. DeepSpeed checkpoints resume on the same world size and "
                 "stage (convert them with DeepSpeed's ds_to_universal, or train with distributed.backend=fsdp2, "
                 "whose checkpoints reshard)"
             )
-        load_path, client_state = self.engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        load_path, _ = self.engine.load_checkpoint(
+            str(step_dir), tag=DEEPSPEED_SUBDIR, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-        if load_path is None or client_state is None or "scalejepa" not in client_state:
-            raise CheckpointError(f"DeepSpeed could not load {path}")
-        state.update(client_state["scalejepa"])
-        self._load_target(path / TARGET_FILE)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {step_dir / DEEPSPEED_SUBDIR}")
+        self._load_target(step_dir / DEEPSPEED_TARGET_FILE)
 
     @torch.no_grad()
     def _load_target(self, file: Path) -> None:
@@ -278,7 +265,7 @@ class DeepSpeedEngine:
         return out
 
 
-def build_deepspeed_engine(config: Config, env: DistEnv, compute_dtype: torch.dtype | None) -> DeepSpeedEngine:
+def wrap_deepspeed(config: Config, env: DistEnv, model: IJEPA, target: VisionTransformer) -> ZeroEngine:
     deepspeed = _import_deepspeed(env.device)
     ensure_process_group(env)
     for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
@@ -288,9 +275,7 @@ def build_deepspeed_engine(config: Config, env: DistEnv, compute_dtype: torch.dt
     d = config.distributed
     if config.checkpoint.async_save and env.is_main:
         log.warning("checkpoint.async_save is not used with DeepSpeed: its checkpoints are written synchronously")
-    torch.manual_seed(config.train.seed)
-    model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
-    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
+    compute_dtype = autocast_dtype(config, env.device)
     optimizer = build_optimizer(model, config.optim, env.device)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ds_config = deepspeed_config(config, env, compute_dtype, num_params)
@@ -307,7 +292,7 @@ def build_deepspeed_engine(config: Config, env: DistEnv, compute_dtype: torch.dt
                  ds_config["bf16"]["enabled"], ds_config["train_micro_batch_size_per_gpu"],
                  ds_config["gradient_accumulation_steps"], ds_config["gradient_clipping"] or "off")
     bf16 = ds_config["bf16"]["enabled"]
-    return DeepSpeedEngine(
+    return ZeroEngine(
         deepspeed, engine, target, target_engine, zero_stage=d.zero_stage,
         autocast_dtype=compute_dtype if bf16 else None, input_dtype=torch.bfloat16 if bf16 else torch.float32,
         clip_grad=config.optim.clip_grad,

@@ -41,9 +41,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from scalejepa.config import Config, ConfigError
 from scalejepa.dist_env import DistEnv, ensure_process_group
-from scalejepa.engine import TorchEngine, build_optimizer
-from scalejepa.ijepa import build_models
-from scalejepa.parallel import apply_block_options, resolve_dtype
+from scalejepa.ijepa import IJEPA
+from scalejepa.models.vit import VisionTransformer
+from scalejepa.parallel.engine import TorchEngine, build_optimizer
+from scalejepa.parallel.precision import autocast_dtype, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,11 @@ def shard(model, target, mesh: DeviceMesh, mp: dict, reshard_after_forward: bool
     target.register_forward_hook(_reshard_after_forward)
 
 
-def build_fsdp_engine(config: Config, env: DistEnv, compute_dtype: torch.dtype | None) -> TorchEngine:
+def wrap_fsdp2(config: Config, env: DistEnv, model: IJEPA, target: VisionTransformer) -> TorchEngine:
     ensure_process_group(env)
     d = config.distributed
     mesh = build_mesh(env, d.shard_group_size)
-    torch.manual_seed(config.train.seed)
-    model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
-    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
-    mp, autocast = mixed_precision(config, compute_dtype)
+    mp, autocast = mixed_precision(config, autocast_dtype(config, env.device))
     shard(model, target, mesh, mp, d.reshard_after_forward)
     if env.is_main:
         log.info("FSDP2 over mesh %s, mixed precision %s, autocast %s, reshard_after_forward %s, "

@@ -1,0 +1,56 @@
+"""Durable file writes: a file counts only once it is complete, on disk, and named.
+
+Every write goes to a temporary file in the destination's directory, is flushed and
+fsynced, then renamed over the destination (atomic on POSIX), and the directory is
+fsynced so the rename itself survives a crash. A reader therefore sees the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the directory entries of ``path`` (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """``write(file)`` into a temp file next to ``path``, then fsync + rename + fsync dir.
+    On any error the temp file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))

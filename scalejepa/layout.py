@@ -1,0 +1,106 @@
+"""The run directory: what a training run writes where, named once.
+
+::
+
+    RUN/config.yaml                     the resolved config
+    RUN/metrics.jsonl, RUN/tb/          one JSON line / TensorBoard scalars per log step
+    RUN/checkpoints/step_00001000/      one directory per checkpoint (see scalejepa.checkpoint)
+        COMMITTED                       written last: the directory counts only with it
+        config.yaml                     the config that wrote it (the step directory describes itself)
+        .metadata, *.distcp             DCP: models, optimizer and train state
+        deepspeed/..., target_encoder.pt, scalejepa_deepspeed.json   DeepSpeed runs instead
+    RUN/export/target_encoder.pt        plain target-encoder weights + .json sidecar (scalejepa.export)
+
+Training, evaluation and export all read these names from here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+EXPORT_FILE = "target_encoder.pt"
+PROFILE_DIR = "profile"
+
+COMMIT_MARKER = "COMMITTED"
+STEP_DIR_PATTERN = re.compile(r"^step_(\d{8})$")
+
+# Top-level entries of a DCP checkpoint. The trained I-JEPA module (``encoder.*``,
+# ``predictor.*``), the target encoder, the optimizer, and the train state.
+MODEL_KEY = "model"
+TARGET_KEY = "target"
+OPTIM_KEY = "optim"
+TRAIN_STATE_KEY = "train_state"
+
+# DeepSpeed step directories: DeepSpeed's own files under ``deepspeed/``, the target
+# encoder as a full state dict, and what the checkpoint needs to resume.
+DEEPSPEED_SUBDIR = "deepspeed"
+DEEPSPEED_TARGET_FILE = "target_encoder.pt"
+DEEPSPEED_META_FILE = "scalejepa_deepspeed.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: str | Path) -> int | None:
+    """The step of a step directory's name, None for any other name."""
+    match = STEP_DIR_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_committed(step_dir: str | Path) -> bool:
+    return (Path(step_dir) / COMMIT_MARKER).is_file()
+
+
+def committed_step_dirs(checkpoints: str | Path) -> list[Path]:
+    """Committed step directories, oldest first."""
+    folder = Path(checkpoints)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if step_of(p) is not None and is_committed(p)]
+    return sorted(found, key=step_of)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def export(self) -> Path:
+        return self.root / EXPORT_DIR / EXPORT_FILE
+
+    @property
+    def profile(self) -> Path:
+        return self.root / PROFILE_DIR
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / step_dir_name(step)
+
+    def looks_like_run(self) -> bool:
+        return self.checkpoints.is_dir() or self.config.is_file()

@@ -1,0 +1,63 @@
+"""Builds the models once and hands them to the configured backend to wrap, from outside
+the model code (torchtitan's ``parallelize_*`` pattern): ``distributed.backend`` none (one
+device), fsdp2 (:mod:`scalejepa.parallel.fsdp`) or deepspeed
+(:mod:`scalejepa.parallel.deepspeed`).
+
+The sequence is the same for every backend: seed, build the models on the CPU (so every
+world size starts from the weights of a one-process run), per-block activation
+checkpointing and compile, then the backend's wrapping, which also builds the optimizer
+on the wrapped parameters."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from scalejepa.config import Config, ConfigError
+from scalejepa.dist_env import DistEnv
+from scalejepa.ijepa import IJEPA, build_models
+from scalejepa.models.vit import VisionTransformer
+from scalejepa.parallel.blocks import apply_block_options
+from scalejepa.parallel.engine import Engine, TorchEngine, build_optimizer
+from scalejepa.parallel.precision import autocast_dtype
+
+
+def check_device_support(config: Config, device: torch.device) -> None:
+    if config.model.attn_impl == "flex" and device.type == "cpu":
+        raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use sdpa")
+    if config.model.attn_impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "model.attn_impl=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; for tests): use sdpa"
+        )
+
+
+def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: VisionTransformer) -> TorchEngine:
+    if env.world_size > 1:
+        raise ConfigError(
+            f"launched with {env.world_size} processes but distributed.backend=none: "
+            "set distributed.backend=fsdp2 or deepspeed, or launch one process"
+        )
+    model.to(env.device)
+    target.to(env.device)
+    optimizer = build_optimizer(model, config.optim, env.device)
+    return TorchEngine(model, target, optimizer, autocast_dtype=autocast_dtype(config, env.device),
+                       clip_grad=config.optim.clip_grad)
+
+
+def build_engine(config: Config, env: DistEnv) -> Engine:
+    check_device_support(config, env.device)
+    backend = config.distributed.backend
+    if backend == "none":
+        wrap = wrap_single_device
+    elif backend == "fsdp2":
+        from scalejepa.parallel.fsdp import wrap_fsdp2 as wrap
+    elif backend == "deepspeed":
+        from scalejepa.parallel.deepspeed import wrap_deepspeed as wrap
+    else:
+        raise ConfigError(f"unknown distributed.backend={backend!r}; choose none, fsdp2 or deepspeed")
+    torch.manual_seed(config.train.seed)
+    model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
+    d = config.distributed
+    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
+    return wrap(config, env, model, target)

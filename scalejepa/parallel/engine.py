@@ -1,0 +1,181 @@
+"""The training engine: one I-JEPA step on whatever the models were wrapped in.
+
+The loop (``scalejepa.train``) and the benchmarks talk only to the :class:`Engine`
+protocol, so the single-device, FSDP2 and DeepSpeed paths differ in how the models were
+wrapped (``scalejepa.parallel.build_engine``), not in the loop. :class:`TorchEngine` serves
+plain modules and FSDP2-sharded ones (a torch optimizer, DCP state);
+``scalejepa.parallel.deepspeed.ZeroEngine`` serves DeepSpeed ZeRO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from scalejepa.ema import EMA
+from scalejepa.ijepa import IJEPA, compute_targets
+from scalejepa.layout import MODEL_KEY, OPTIM_KEY, TARGET_KEY
+from scalejepa.masks import MaskBatch
+from scalejepa.models.vit import VisionTransformer
+
+
+class Engine(Protocol):
+    """What the loop, the checkpointer, evaluation and the benchmarks call."""
+
+    model: IJEPA  # the trained module (context encoder + predictor), as wrapped
+    target: nn.Module  # the target encoder, as wrapped
+    device: torch.device
+    last_targets: torch.Tensor | None  # the last kept batch's targets (collapse monitors)
+    writes_own_files: bool  # True: a checkpoint format of its own besides DCP (no async saves)
+
+    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0,
+                         keep_targets: bool = False) -> torch.Tensor:
+        """Targets, loss, backward of one micro-batch; returns the detached loss."""
+
+    def step(self, lr: float, weight_decay: float) -> torch.Tensor | None:
+        """Optimizer step with the scheduled values; the grad norm when clipping."""
+
+    def update_target(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * context encoder."""
+
+    @property
+    def eval_encoder(self) -> nn.Module:
+        """The target encoder, callable for evaluation (features of every patch)."""
+
+    def checkpoint_state(self) -> dict[str, Stateful]:
+        """The engine's entries of a DCP checkpoint (sharded tensors stay sharded)."""
+
+    def save_files(self, step_dir: Path) -> None:
+        """Write the engine's own checkpoint files (a no-op for DCP-only engines)."""
+
+    def load_files(self, step_dir: Path) -> None:
+        """Load what :meth:`save_files` wrote."""
+
+    def export_target(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded target-encoder weights on the CPU (on rank 0), no prefixes."""
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on matrices only: biases and 1-D parameters (norms) are excluded."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim_config, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model),
+        lr=optim_config.lr,
+        betas=optim_config.betas,
+        eps=optim_config.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's learning rate, and weight decay on the groups that take it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_wd"):
+            group["weight_decay"] = weight_decay
+
+
+class ModelState(Stateful):
+    """A module's weights for DCP: sharded stays sharded, names without wrapper prefixes."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.module, state)
+
+
+class OptimizerState(Stateful):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+class TorchEngine:
+    """Plain PyTorch modules (one device) or FSDP2-sharded ones: a torch optimizer."""
+
+    writes_own_files = False
+
+    def __init__(self, model: IJEPA, target: VisionTransformer, optimizer: torch.optim.Optimizer, *,
+                 autocast_dtype: torch.dtype | None, clip_grad: float = 0.0):
+        self.model = model
+        self.target = target
+        self.optimizer = optimizer
+        self.autocast_dtype = autocast_dtype
+        self.clip_grad = clip_grad
+        self.ema = EMA(target, model.encoder)
+        self.device = next(model.parameters()).device
+        self.last_targets: torch.Tensor | None = None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0,
+                         keep_targets: bool = False) -> torch.Tensor:
+        """``keep_targets`` keeps this batch's targets in ``last_targets`` (else it is
+        cleared, freeing the memory)."""
+        with self._autocast():
+            targets = compute_targets(self.target, images, masks)
+            loss = self.model(images, masks, targets)
+        self.last_targets = targets if keep_targets else None
+        (loss * loss_scale).backward()
+        return loss.detach()
+
+    def step(self, lr: float, weight_decay: float) -> torch.Tensor | None:
+        set_schedule(self.optimizer, lr, weight_decay)
+        grad_norm = None
+        if self.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def eval_encoder(self) -> nn.Module:
+        return self.target
+
+    def update_target(self, momentum: float) -> None:
+        self.ema.update(momentum)
+
+    def checkpoint_state(self) -> dict[str, Stateful]:
+        return {MODEL_KEY: ModelState(self.model), TARGET_KEY: ModelState(self.target),
+                OPTIM_KEY: OptimizerState(self.model, self.optimizer)}
+
+    def save_files(self, step_dir: Path) -> None:
+        pass  # everything is in checkpoint_state()
+
+    def load_files(self, step_dir: Path) -> None:
+        pass
+
+    def export_target(self) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(self.target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
