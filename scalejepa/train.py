@@ -214,19 +214,19 @@ def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
 
 def resolve_data(config: Config, env: DistEnv) -> tuple[list[str], int]:
     """(shard URLs, images per epoch)."""
-    from scalejepa.data import make_shards
+    from scalejepa.data import cache
 
     data = config.data
     if data.synthetic:
         return [], data.num_samples or 1_281_167
     if data.shards:
-        urls, index = make_shards.resolve_shards(data.shards)
+        urls, index = cache.resolve_shards(data.shards)
     else:
         if env.is_main:  # build once; the others wait, then find the cache
-            make_shards.builtin_shards(data.builtin, split="train")
+            cache.builtin_shards(data.builtin, split="train")
         if env.distributed:
             torch.distributed.barrier()
-        urls, index = make_shards.resolve_shards(str(make_shards.builtin_shards(data.builtin, split="train")))
+        urls, index = cache.resolve_shards(str(cache.builtin_shards(data.builtin, split="train")))
     num_samples = data.num_samples or (index or {}).get("samples", 0)
     if not num_samples and not config.train.steps:
         raise ConfigError(
