@@ -222,9 +222,10 @@ class ShardStreams(IterableDataset):
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, normalised with per-channel mean/std (in 0-1 units)."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    """uint8 (B, 3, H, W) -> float32, normalised with per-channel mean/std (in 0-1 units);
+    the training and evaluation pipelines both use it."""
+    mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
 
 

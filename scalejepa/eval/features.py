@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scalejepa.data.samples import SHARD_READ_ERRORS, SampleError, read_tar
-from scalejepa.data.samples import decode_sample as decode_shard_sample
+from scalejepa.data.pipeline import normalize  # the training pipeline's, so features see the same inputs
+from scalejepa.data.samples import SHARD_READ_ERRORS, SampleError, decode_sample, read_tar
 from scalejepa.data.transforms import decode_center_crop
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,10 @@ def iter_shard_samples(urls: Sequence[str], part: int = 0, num_parts: int = 1) -
                                 "check the file or rebuild the shards") from exc
 
 
-def decode_sample(sample: dict, image_size: int) -> tuple[np.ndarray, int]:
+def decode_eval_sample(sample: dict, image_size: int) -> tuple[np.ndarray, int]:
     """The eval transform of one sample: (size, size, 3) uint8, label (-1 if none)."""
     try:
-        return decode_shard_sample(sample, partial(decode_center_crop, size=image_size))
+        return decode_sample(sample, partial(decode_center_crop, size=image_size))
     except SampleError as exc:
         raise EvalDataError(f"{exc}; rebuild the shards") from exc
 
@@ -114,7 +114,7 @@ class EvalShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         part, parts = self.rank * workers + worker, self.world_size * workers
         for key, sample in iter_shard_samples(self.urls, part, parts):
-            image, label = decode_sample(sample, self.image_size)
+            image, label = decode_eval_sample(sample, self.image_size)
             yield torch.from_numpy(image.copy()).permute(2, 0, 1), label, key  # PIL arrays are read-only
 
 
@@ -122,7 +122,7 @@ def load_images(urls: Sequence[str], image_size: int) -> tuple[torch.Tensor, tor
     """All images of a (small) shard set, decoded once: (N, 3, S, S) uint8, (N,) labels."""
     images, labels = [], []
     for _, sample in iter_shard_samples(urls):
-        image, label = decode_sample(sample, image_size)
+        image, label = decode_eval_sample(sample, image_size)
         images.append(image)
         labels.append(label)
     if not images:
@@ -131,13 +131,6 @@ def load_images(urls: Sequence[str], image_size: int) -> tuple[torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------- features
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, as the training pipeline normalises."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
 
 
 def pooled_features(encoder: nn.Module, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:
