@@ -24,7 +24,7 @@ from PIL import Image
 from scalejepa.config import MaskConfig
 from scalejepa.data import make_shards
 from scalejepa.data.cache import resolve_shards
-from scalejepa.data.pipeline import ShardDataError, ShardStreams, TrainLoader
+from scalejepa.data.pipeline import LoaderState, ShardDataError, ShardStreams, TrainLoader
 from scalejepa.data.shard_index import ShardIndexError, load_index
 from scalejepa.data.transforms import decode_center_crop
 from scalejepa.data.writer import build_shards
@@ -243,6 +243,31 @@ def test_a_shard_that_vanishes_or_breaks_mid_run_is_skipped_and_counted(shards: 
     assert after[-1].shard_errors >= 2 and after[-1].corrupt == 0
     assert {label for b in after[-10:] for label in b.labels.tolist()} == {0}  # only the good shard is left
     assert str(shards[1]) in caplog.text and str(shards[2]) in caplog.text and "next segment" in caplog.text
+
+
+def test_shard_errors_reach_the_checkpointed_loader_state(shards: list[Path]) -> None:
+    shards[1].unlink()
+    loader = TrainLoader([str(p) for p in shards], batch_size=4, image_size=SIZE, crop_scale=(0.5, 1.0),
+                         mean=(0.5,) * 3, std=(0.5,) * 3, mask_generator=MaskGenerator(SIZE // 4, MaskConfig(min_keep=4)),
+                         seed=0, num_workers=0, shuffle_buffer=2)
+    for _ in range(12):
+        next(loader)
+    assert loader.shard_errors_total >= 1 and loader.corrupt_total == 0
+    saved = loader.state.to_dict()
+    assert LoaderState.from_dict(saved) == loader.state
+    del saved["shard_errors"]  # a checkpoint written before shard errors were counted
+    assert LoaderState.from_dict(saved).shard_errors == {}
+
+
+def test_a_resumed_stream_matches_while_the_same_shard_is_missing(shards: list[Path]) -> None:
+    shards[1].unlink()
+    straight = iter(_streams(shards, shuffle_buffer=4))
+    first = [next(straight) for _ in range(8)]
+    assert first[-1].shard_errors >= 1
+    resumed = iter(_streams(shards, shuffle_buffer=4, start_step=4, positions={0: first[3].position}))
+    for expected in first[4:]:
+        batch = next(resumed)
+        assert batch.position == expected.position and torch.equal(batch.images, expected.images)
 
 
 def test_a_truncated_shard_gives_what_it_holds_before_the_cut(shards: list[Path]) -> None:
