@@ -6,7 +6,7 @@ Data: shards of real photos. By default the RGB photos that scikit-image ships (
 each cut into ``--crops`` random crops (50-100% of the side) and scaled to at most
 ``--max-side`` pixels (500: ImageNet's photos are mostly 500 px on the long side; 0 keeps
 the originals, up to 1411x1411), saved as JPEG at ``--quality``, written with
-``scalejepa.data.make_shards.build_shards`` and cached. ``--shards DIR`` measures your own
+``scalejepa.data.writer.build_shards`` and cached. ``--shards DIR`` measures your own
 shards instead (e.g. ImageNet's).
 
 Measured:
@@ -76,7 +76,7 @@ def photo_shards(cache: Path, crops: int, max_side: int, quality: int, seed: int
     from PIL import Image
 
     from scalejepa.data.builtin import builtin_records
-    from scalejepa.data.make_shards import build_shards
+    from scalejepa.data.writer import build_shards
 
     out = cache / f"skimage-rgb-c{crops}-s{max_side}-q{quality}-v{SHARD_RECIPE_VERSION}"
     if (out / "index.json").is_file():
@@ -362,13 +362,13 @@ def main(argv=None) -> Path:
     if args.shards:
         shards, data = args.shards, f"shards {args.shards}"
     else:
-        from scalejepa.data.make_shards import default_cache_root
+        from scalejepa.data.cache import default_cache_root
 
         cache = args.cache or default_cache_root().parent / "loader-bench"
         shards = str(photo_shards(cache, args.crops, args.max_side, args.quality))
         data = (f"scikit-image RGB photos, {args.crops} random crops each, longest side <= "
                 f"{args.max_side or 'original'} px, JPEG quality {args.quality}")
-    from scalejepa.data.shard_index import resolve_shards
+    from scalejepa.data.cache import resolve_shards
 
     urls, _ = resolve_shards(shards)
     samples = read_samples(urls)

@@ -363,7 +363,7 @@ def prepare_batches(args, config: Config, device: torch.device, count: int):
 def loader_batches(args, config: Config, device: torch.device, count: int):
     from loader import photo_shards  # benchmarks/loader.py: RGB photo shards, cached
 
-    from scalejepa.data.make_shards import default_cache_root, resolve_shards
+    from scalejepa.data.cache import default_cache_root, resolve_shards
     from scalejepa.data.pipeline import TrainLoader
     from scalejepa.masks import MaskGenerator
 

@@ -97,12 +97,7 @@ class TrainState(Stateful):
                  "rng_numpy_pos": numpy_pos, "rng_numpy_gauss": numpy_gauss, "rng_torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        # One row per data stream: [shard segment, offset in it, corrupt samples], -1 where not
-        # started. A list, not a tensor: its length (the streams) is only known once loaded.
-        state["data_streams"] = [] if self.data is None else [
-            [*self.data.positions.get(s, (-1, -1)), self.data.corrupt.get(s, -1)]
-            for s in range(self.data.num_streams)
-        ]
+        state["data_streams"] = [] if self.data is None else self.data.to_rows()
         return state
 
     def state_dict(self) -> dict:
@@ -125,12 +120,7 @@ class TrainState(Stateful):
         if mine["data_streams"]:
             from scalejepa.data.pipeline import LoaderState
 
-            table = mine["data_streams"]
-            self.data = LoaderState(
-                num_streams=len(table),
-                positions={s: (row[0], row[1]) for s, row in enumerate(table) if row[0] >= 0},
-                corrupt={s: row[2] for s, row in enumerate(table) if row[2] >= 0},
-            )
+            self.data = LoaderState.from_rows(mine["data_streams"])
 
 
 # ----------------------------------------------------------------------------- checkpointer

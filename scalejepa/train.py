@@ -28,7 +28,8 @@ import torch
 
 from scalejepa.checkpoint import Checkpointer, CheckpointError, TrainState
 from scalejepa.config import Config, ConfigError, config_yaml, load_config, preset_names, save_config, validate
-from scalejepa.data.pipeline import SyntheticLoader, TrainLoader
+from scalejepa.data.pipeline import ShardDataError, SyntheticLoader, TrainLoader
+from scalejepa.data.shard_index import ShardIndexError
 from scalejepa.dist_env import DistEnv, barrier, init_distributed, shutdown_distributed
 from scalejepa.eval.monitors import collapse_metrics
 from scalejepa.eval.spec import EncoderSpec, EncoderWeights
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found once the world size, grid or data are known
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
+    except (CheckpointError, NonFiniteLossError, ShardIndexError, ShardDataError, FileNotFoundError) as exc:
         print(f"scalejepa-train: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -142,6 +143,7 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
         if log_step:
             record = metrics.scalars(done, schedule)
             record["data/corrupt_samples"] = loader.corrupt_total
+            record["data/shard_errors"] = loader.shard_errors_total
             if result.grad_norm is not None:
                 record["train/grad_norm"] = float(result.grad_norm)
             if env.is_main:
@@ -184,19 +186,19 @@ def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
 
 def resolve_data(config: Config, env: DistEnv) -> tuple[list[str], int]:
     """(shard URLs, images per epoch)."""
-    from scalejepa.data import make_shards
+    from scalejepa.data import cache
 
     data = config.data
     if data.synthetic:
         return [], data.num_samples or 1_281_167
     if data.shards:
-        urls, index = make_shards.resolve_shards(data.shards)
+        urls, index = cache.resolve_shards(data.shards)
     else:
         if env.is_main:  # build once; the others wait, then find the cache
-            make_shards.builtin_shards(data.builtin, split="train")
+            cache.builtin_shards(data.builtin, split="train")
         if env.distributed:
             torch.distributed.barrier()
-        urls, index = make_shards.resolve_shards(str(make_shards.builtin_shards(data.builtin, split="train")))
+        urls, index = cache.resolve_shards(str(cache.builtin_shards(data.builtin, split="train")))
     num_samples = data.num_samples or (index or {}).get("samples", 0)
     if not num_samples and not config.train.steps:
         raise ConfigError(

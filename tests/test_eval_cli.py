@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalejepa.data.make_shards import build_shards
+from scalejepa.data.writer import build_shards
 from scalejepa.eval import features as features_mod
 from scalejepa.eval.cli import main as eval_main
 from scalejepa.eval.knn import KnnEvaluator

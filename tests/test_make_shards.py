@@ -18,16 +18,11 @@ pytest.importorskip("mlxtend")
 wds = pytest.importorskip("webdataset")
 
 from scalejepa.data import builtin  # noqa: E402
-from scalejepa.data.make_shards import (  # noqa: E402
-    ShardBuildError,
-    SourceNotFoundError,
-    build_shards,
-    builtin_shards,
-    encode_image,
-    load_index,
-    resolve_shards,
-)
-from scalejepa.data.shard_index import ShardIndexError  # noqa: E402
+from scalejepa.data.cache import builtin_shards, resolve_shards  # noqa: E402
+from scalejepa.data.encode import encode_image  # noqa: E402
+from scalejepa.data.shard_index import ShardIndexError, load_index  # noqa: E402
+from scalejepa.data.sources import ShardBuildError, SourceNotFoundError  # noqa: E402
+from scalejepa.data.writer import build_shards  # noqa: E402
 
 
 def _photo(name: str, size: int = 64) -> Image.Image:
@@ -284,3 +279,31 @@ def test_cli(tmp_path: Path) -> None:
         res = _cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_builtin_specs_resolve_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalejepa.data import shard_index
+
+    monkeypatch.setenv("SCALEJEPA_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"builtin:.*scalejepa\.data\.cache\.resolve_shards"):
+        shard_index.resolve_shards("builtin:lfw-subset:val")  # the reader builds nothing
+    assert not any(tmp_path.iterdir())
+    urls, index = resolve_shards("builtin:lfw-subset:val")
+    assert index is not None and index["samples"] == 40 and index["split"] == "val"
+    assert urls and all(u.startswith(str((tmp_path / "shards").resolve())) for u in urls)
+
+
+def test_index_is_written_atomically_and_leftovers_are_cleared(folder: dict, tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = 2**22 + 12345  # above the default pid_max, so no such process
+    (out / f".index.json.tmp-{dead}-0badc0de").write_text("{half")  # a crash inside atomic_write_text
+    (out / f".scalejepa-tmp-{dead}-0badc0de").mkdir()  # a crash while writing shards
+    build_shards(folder["root"], out, shard_size=100)
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "index.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not owner-only
+    assert load_index(out)["samples"] == 7

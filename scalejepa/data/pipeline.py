@@ -16,8 +16,21 @@ exactly the batches an uninterrupted one would have:
   of every batch it takes and saves it in checkpoints; on resume each stream reopens its
   shard and skips the consumed samples without decoding them.
 
-Corrupt or undecodable samples are skipped and counted (``Batch.corrupt``), never
-retried with a sleep and never silently dropped from the count.
+Data faults (decided here, tested in tests/test_faults_data.py):
+
+* A corrupt sample (undecodable image, no image, a label that is not an integer; see
+  ``scalejepa.data.samples``) is skipped with a warning and counted (``Batch.corrupt``),
+  never retried with a sleep and never silently dropped from the count. Odd but valid
+  images (grayscale, CMYK, RGBA, palette, 16-bit, EXIF-rotated) become upright RGB.
+* A shard that is missing, unreadable or broken when a segment opens it, or that fails
+  part way (a truncated tar), ends that segment: the samples read before the failure are
+  still used, the failure is logged with the shard's path and counted
+  (``Batch.shard_errors``), and the stream goes on with its next segment, i.e. another
+  drawn shard. Data order stays a function of the position, so a resumed run agrees with
+  the uninterrupted one as long as the same shards fail.
+* When every shard of the rank has failed or yielded only corrupt samples since the last
+  usable sample, the stream raises ``ShardDataError`` naming the shards and why, instead
+  of spinning forever.
 """
 
 from __future__ import annotations
@@ -25,11 +38,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scalejepa.data.samples import SHARD_READ_ERRORS, SampleError, decode_sample, read_tar
 from scalejepa.data.transforms import decode_random_crop
 from scalejepa.masks import MaskBatch, MaskGenerator, mask_rng
 
@@ -37,6 +52,16 @@ log = logging.getLogger(__name__)
 
 _SEGMENT_TAG = 0x5E6  # separates the segment generators' seeds from the mask generators'
 _SYNTHETIC_TAG = 0x5A7  # separates synthetic images' seeds from everything else
+
+
+class ShardDataError(RuntimeError):
+    """No shard of this rank gives a usable sample any more."""
+
+
+@dataclass
+class _StreamCounts:
+    corrupt: int = 0  # corrupt samples skipped
+    shard_errors: int = 0  # segments cut short by a shard that failed to read
 
 
 @dataclass
@@ -48,11 +73,12 @@ class Batch:
     stream: int
     position: tuple[int, int]  # the stream's (segment, samples consumed) after this batch
     corrupt: int = 0  # corrupt samples this stream has skipped so far
+    shard_errors: int = 0  # shard reads this stream has seen fail so far
 
     def pin_memory(self) -> "Batch":
         return Batch(
             self.images.pin_memory(), self.labels.pin_memory(), self.masks.pin_memory(),
-            self.step, self.stream, self.position, self.corrupt,
+            self.step, self.stream, self.position, self.corrupt, self.shard_errors,
         )
 
 
@@ -82,11 +108,13 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generato
         yield buffer.pop()
 
 
-def _read_tar(url: str) -> Iterator[dict]:
-    import webdataset as wds
-
-    # Errors (missing file, broken tar) propagate: a bad shard is a problem to fix, not to skip.
-    yield from wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}]))
+def _read_until_failure(url: str, failures: list[BaseException]) -> Iterator[dict]:
+    """The shard's samples; a read error ends them and is appended to ``failures``, so the
+    shuffle buffer still hands out what was read before it."""
+    try:
+        yield from read_tar(url)
+    except SHARD_READ_ERRORS as exc:
+        failures.append(exc)
 
 
 class ShardStreams(IterableDataset):
@@ -123,30 +151,49 @@ class ShardStreams(IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.jpeg_draft = jpeg_draft
 
-    def _samples(self, stream: int) -> Iterator[tuple[np.ndarray | None, int, tuple[int, int]]]:
-        """(image or None if corrupt, label, position after this sample), forever."""
+    def _samples(self, stream: int, counts: _StreamCounts) -> Iterator[tuple[np.ndarray, int, tuple[int, int]]]:
+        """(image, label, position after this sample) of the usable samples, forever;
+        corrupt samples and failed shard reads are skipped and tallied in ``counts``."""
         segment, skip = self.positions.get(stream, (0, 0))
+        failing: dict[str, str] = {}  # shards with no usable sample since the last usable one -> why
         while True:
             rng = np.random.default_rng([self.seed, self.rank, stream, segment, _SEGMENT_TAG])
             url = self.urls[int(rng.integers(len(self.urls)))]
-            shuffled = _shuffled(_read_tar(url), self.shuffle_buffer, rng)
-            for position, sample in enumerate(shuffled, start=1):
+            failures: list[BaseException] = []
+            read = usable = 0
+            for position, sample in enumerate(_shuffled(_read_until_failure(url, failures), self.shuffle_buffer, rng),
+                                              start=1):
+                read = position
                 if position <= skip:
                     continue
                 crop_rng = np.random.default_rng([self.seed, self.rank, stream, segment, position])
-                yield self._decode(sample, crop_rng), _label(sample), (segment, position)
+                crop = partial(decode_random_crop, size=self.image_size, scale=self.crop_scale, rng=crop_rng,
+                               draft=self.jpeg_draft)
+                try:
+                    image, label = decode_sample(sample, crop)
+                except SampleError as exc:
+                    counts.corrupt += 1
+                    log.warning("skipping corrupt %s", exc)
+                    continue
+                usable += 1
+                failing.clear()
+                yield image, label, (segment, position)
+            why = None
+            if failures:
+                counts.shard_errors += 1
+                why = f"{type(failures[0]).__name__}: {failures[0]}"
+                log.warning("shard %s failed after %d samples (%s); stream %d goes on with its next segment",
+                            url, read, why, stream)
+            if not usable and (failures or read > skip or read == 0):  # not: a resume that skipped it all
+                failing[url] = why or ("no samples" if read == 0 else "only corrupt samples")
+                if len(failing) == len(set(self.urls)):
+                    shown = "; ".join(f"{u}: {w}" for u, w in list(failing.items())[:3])
+                    raise ShardDataError(
+                        f"none of the {len(failing)} shard(s) of rank {self.rank} gives a usable sample "
+                        f"({shown}{' ...' if len(failing) > 3 else ''}); check the files or rebuild them "
+                        "with scalejepa-make-shards"
+                    )
             segment, skip = segment + 1, 0
-
-    def _decode(self, sample: dict, rng: np.random.Generator) -> np.ndarray | None:
-        data = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
-        if data is None:
-            log.warning("sample %s in %s has no image", sample.get("__key__"), sample.get("__url__"))
-            return None
-        try:
-            return decode_random_crop(data, self.image_size, self.crop_scale, rng, draft=self.jpeg_draft)
-        except Exception as exc:  # noqa: BLE001 - any decoder error means a corrupt sample; counted below
-            log.warning("skipping corrupt image %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
-            return None
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -156,17 +203,10 @@ class ShardStreams(IterableDataset):
         # Loader worker j makes steps start + j, start + j + W, ...: stream (start + j) % W.
         stream = (self.start_step + worker) % self.num_streams
         step = self.start_step + worker
-        samples = self._samples(stream)
-        corrupt = 0
+        counts = _StreamCounts()
+        samples = self._samples(stream, counts)
         while True:
-            images, labels = [], []
-            while len(images) < self.batch_size:
-                image, label, position = next(samples)
-                if image is None:
-                    corrupt += 1
-                    continue
-                images.append(image)
-                labels.append(label)
+            images, labels, positions = zip(*(next(samples) for _ in range(self.batch_size)))
             masks = self.mask_generator(self.batch_size, mask_rng(self.seed, self.rank, stream, step))
             yield Batch(
                 images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),
@@ -174,24 +214,18 @@ class ShardStreams(IterableDataset):
                 masks=masks,
                 step=step,
                 stream=stream,
-                position=position,
-                corrupt=corrupt,
+                position=positions[-1],
+                corrupt=counts.corrupt,
+                shard_errors=counts.shard_errors,
             )
             step += self.num_streams
 
 
-def _label(sample: dict) -> int:
-    raw = sample.get("cls")
-    try:
-        return int(raw) if raw is not None else -1
-    except ValueError:
-        return -1
-
-
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, normalised with per-channel mean/std (in 0-1 units)."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    """uint8 (B, 3, H, W) -> float32, normalised with per-channel mean/std (in 0-1 units);
+    the training and evaluation pipelines both use it."""
+    mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
 
 
@@ -202,20 +236,23 @@ class LoaderState:
     num_streams: int
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     corrupt: dict[int, int] = field(default_factory=dict)
+    shard_errors: dict[int, int] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return {
-            "num_streams": self.num_streams,
-            "positions": {str(k): list(v) for k, v in self.positions.items()},
-            "corrupt": {str(k): v for k, v in self.corrupt.items()},
-        }
+    def to_rows(self) -> list[list[int]]:
+        """The checkpointed form (``scalejepa.checkpoint.TrainState``): one row per stream,
+        ``[segment, samples consumed, corrupt samples, shard errors]``, -1s for a stream
+        that has not delivered a batch yet."""
+        return [[*self.positions[s], self.corrupt.get(s, 0), self.shard_errors.get(s, 0)] if s in self.positions
+                else [-1, -1, -1, -1] for s in range(self.num_streams)]
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "LoaderState":
+    def from_rows(cls, rows: list[list[int]]) -> "LoaderState":
+        started = [(s, row) for s, row in enumerate(rows) if row[0] >= 0]
         return cls(
-            num_streams=int(raw["num_streams"]),
-            positions={int(k): (int(v[0]), int(v[1])) for k, v in raw["positions"].items()},
-            corrupt={int(k): int(v) for k, v in raw.get("corrupt", {}).items()},
+            num_streams=len(rows),
+            positions={s: (int(row[0]), int(row[1])) for s, row in started},
+            corrupt={s: int(row[2]) for s, row in started},
+            shard_errors={s: int(row[3]) for s, row in started},
         )
 
 
@@ -280,6 +317,7 @@ class TrainLoader:
         batch = next(self._iterator)
         self.state.positions[batch.stream] = batch.position
         self.state.corrupt[batch.stream] = batch.corrupt
+        self.state.shard_errors[batch.stream] = batch.shard_errors
         batch.images = normalize(batch.images.to(self.device, non_blocking=True), self.mean, self.std)
         batch.labels = batch.labels.to(self.device, non_blocking=True)
         batch.masks = batch.masks.to(self.device)
@@ -291,6 +329,10 @@ class TrainLoader:
     @property
     def corrupt_total(self) -> int:
         return sum(self.state.corrupt.values())
+
+    @property
+    def shard_errors_total(self) -> int:
+        return sum(self.state.shard_errors.values())
 
 
 class SyntheticLoader:
@@ -315,7 +357,7 @@ class SyntheticLoader:
         self.step, self.device = start_step, device
         self.generator = torch.Generator(device=device)
         self.state = LoaderState(1)
-        self.corrupt_total = 0
+        self.corrupt_total = self.shard_errors_total = 0
 
     def _sample_seed(self, index: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.step, index, _SYNTHETIC_TAG]).generate_state(1)[0])

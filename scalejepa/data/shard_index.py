@@ -1,7 +1,14 @@
 """Reading shard sets written by ``scalejepa-make-shards``: ``index.json`` and shard URLs.
 
-Kept free of PIL/webdataset imports so that training code can resolve shard lists
-cheaply (``braceexpand`` is imported only when a brace URL is expanded).
+A pure reader: it writes nothing and imports nothing of the writer, so that training
+and evaluation code can resolve shard lists cheaply (no PIL/webdataset imports;
+``braceexpand`` is imported only when a brace URL is expanded). ``builtin:`` specs need
+the cache that builds them: ``scalejepa.data.cache.resolve_shards`` passes it in.
+
+What is checked before any sample is read: the index is valid JSON of this format, its
+per-shard sample counts add up to ``samples``, every shard it lists exists, and every
+shard has the size recorded in ``bytes`` (a truncated or replaced tar is caught here).
+Sample counts inside the tars are trusted, not recounted (that would read every header).
 
 ``index.json`` (``format_version`` 1) holds at least::
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ __all__ = [
     "REMOTE_PREFIXES",
     "ShardIndexError",
     "brace_url",
+    "is_shard_index",
     "load_index",
     "rebuild_hint",
     "resolve_shards",
@@ -59,6 +68,9 @@ class ShardIndexError(ValueError):
     """index.json is malformed, or disagrees with the shard files next to it."""
 
 
+BuiltinResolver = Callable[[str, str], Path]  # (name, split) -> path of that set's index.json
+
+
 def shard_name(prefix: str, i: int) -> str:
     """File name of shard ``i``; six digits so that a brace range covers them all."""
     return f"{prefix}-{i:06d}.tar"
@@ -81,6 +93,14 @@ def rebuild_hint(index: dict[str, Any], directory: Path) -> str:
     return shlex.join(parts) + " --overwrite"
 
 
+def is_shard_index(path: Path) -> bool:
+    """Whether ``path`` is a readable JSON file that says it is a shard index of ours."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def _validate(index: Any, path: Path) -> None:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ShardIndexError(f"{path} is not a {FORMAT} index (missing 'format': {FORMAT!r})")
@@ -94,7 +114,7 @@ def _validate(index: Any, path: Path) -> None:
         )
     for shard in index["shards"]:
         if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)
-                and isinstance(shard.get("samples"), int)):
+                and isinstance(shard.get("samples"), int) and shard["samples"] >= 0):
             raise ShardIndexError(f"{path}: bad shard entry {shard!r}")
         if "/" in shard["name"] or shard["name"] in ("", ".", ".."):
             raise ShardIndexError(f"{path}: shard name {shard['name']!r} is not a file name")
@@ -116,9 +136,12 @@ def load_index(path_or_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if path.is_dir():
         path = path / INDEX_NAME
     if not path.is_file():
+        tars = sorted(path.parent.glob("*.tar")) if path.parent.is_dir() else []
+        also = (f", or pass the {len(tars)} tar file(s) there as a brace URL or a comma list"
+                if tars else "")
         raise FileNotFoundError(
             f"no shard index at {path}; build one with "
-            f"'scalejepa-make-shards --source DIR_OR_builtin:NAME --out {path.parent}'"
+            f"'scalejepa-make-shards --source DIR_OR_builtin:NAME --out {path.parent}'{also}"
         )
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -171,14 +194,15 @@ def _strip_file_scheme(spec: str) -> str:
     return spec
 
 
-def _resolve_one(spec: str) -> tuple[list[str], dict[str, Any] | None]:
+def _resolve_one(spec: str, builtin: BuiltinResolver | None) -> tuple[list[str], dict[str, Any] | None]:
     if spec.startswith(REMOTE_PREFIXES):
         return _expand(spec), None  # remote: cannot (and should not) be checked here
     if spec.startswith("builtin:"):
-        from .make_shards import builtin_shards  # lazy: builds (once) into the cache
-
+        if builtin is None:
+            raise ValueError(f"shard spec {spec!r}: builtin: sets are resolved by "
+                             "scalejepa.data.cache.resolve_shards, which builds them")
         name, _, split = spec[len("builtin:"):].partition(":")
-        index = load_index(builtin_shards(name, split or "train"))
+        index = load_index(builtin(name, split or "train"))
         return list(index["urls"]), index
     local = Path(_strip_file_scheme(spec)).expanduser()
     if local.is_dir() or local.suffix == ".json":
@@ -207,7 +231,7 @@ def _split_top_level(spec: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def resolve_shards(spec: str) -> tuple[list[str], dict[str, Any] | None]:
+def resolve_shards(spec: str, builtin: BuiltinResolver | None = None) -> tuple[list[str], dict[str, Any] | None]:
     """Turn a shard spec into a list of URLs (and the index, when there is exactly one).
 
     ``spec`` is a directory holding index.json, a path to an index.json, a brace URL
@@ -215,6 +239,7 @@ def resolve_shards(spec: str) -> tuple[list[str], dict[str, Any] | None]:
     (built once into the cache, split defaults to train), or a comma-separated list of
     these. Local paths are made absolute and must exist; remote URLs (http(s)://,
     pipe:, s3://, gs://, ais://) are brace-expanded and passed through unchecked.
+    ``builtin`` maps (name, split) to a built-in set's index.json (see the module doc).
     """
     parts = _split_top_level(spec)
     if not parts:
@@ -222,7 +247,7 @@ def resolve_shards(spec: str) -> tuple[list[str], dict[str, Any] | None]:
     urls: list[str] = []
     indexes: list[dict[str, Any] | None] = []
     for part in parts:
-        part_urls, index = _resolve_one(part)
+        part_urls, index = _resolve_one(part, builtin)
         urls += part_urls
         indexes.append(index)
     if not urls:

@@ -2,7 +2,8 @@
 
 The only augmentation I-JEPA uses is RandomResizedCrop (scale 0.3-1.0 by default, no flip,
 no colour jitter). Images are returned as uint8 HWC arrays; normalisation happens on the
-device after the (4x smaller) uint8 transfer, see `pipeline.normalize`.
+device after the (4x smaller) uint8 transfer, see `pipeline.normalize`. Pixel modes and
+EXIF orientation are handled by `scalejepa.data.images`, as in the shard writer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 
 import numpy as np
 from PIL import Image
+
+from .images import needs_transpose, to_rgb, upright
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -47,10 +50,12 @@ def decode_random_crop(
 
     With ``draft``, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that still
     leaves the crop at least ``size`` pixels wide and high (libjpeg's DCT scaling), which
-    skips most of the decode work for large photos. Grayscale, palette, CMYK and RGBA
-    images become RGB.
+    skips most of the decode work for large photos. Every pixel mode becomes RGB
+    (``images.to_rgb``); an EXIF-rotated image is turned upright first (decoded in full).
     """
     image = Image.open(io.BytesIO(data))
+    if needs_transpose(image):
+        image, draft = upright(image), False
     width, height = image.size
     left, top, w, h = random_resized_crop_box(width, height, scale, rng)
     if draft and image.format == "JPEG":
@@ -59,9 +64,7 @@ def decode_random_crop(
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
     else:
         box = (left, top, left + w, top + h)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    image = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
     return np.asarray(image)
 
 
@@ -72,8 +75,7 @@ def decode_center_crop(data: bytes, size: int, resize: int | None = None) -> np.
     image = Image.open(io.BytesIO(data))
     if image.format == "JPEG":
         image.draft("RGB", (resize, resize))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(upright(image))
     width, height = image.size
     factor = resize / min(width, height)
     new_w, new_h = max(size, round(width * factor)), max(size, round(height * factor))

@@ -170,7 +170,7 @@ def candidates(args: argparse.Namespace, device: torch.device) -> list[Candidate
 
 
 def evaluate(args: argparse.Namespace, env) -> dict:
-    from scalejepa.data.shard_index import resolve_shards
+    from scalejepa.data.cache import resolve_shards
 
     train_urls, train_index = resolve_shards(args.train_shards)
     val_urls, val_index = resolve_shards(args.val_shards)

@@ -2,7 +2,11 @@
 + normalise (no augmentation), average-pooled patch tokens of the last block (or the last
 ``last_n`` blocks, concatenated).
 
-Shards are read once, in order, with no resampling. Under torchrun every rank takes a
+Shards are read once, in order, with no resampling. Samples are decoded by
+``scalejepa.data.samples.decode_sample``, the training pipeline's decoder, with the eval
+transform. Unlike training, an evaluation never skips: a sample or shard that cannot be
+read stops it with an ``EvalDataError`` naming the sample or shard (a score over a
+silently smaller set would not be comparable). Under torchrun every rank takes a
 share (whole shards when there are at least as many as readers, else every reader scans
 all shards and keeps every n-th sample), features are all-gathered (uneven shares are
 padded for the collective and trimmed after) and sorted by (shard, position), so the
@@ -15,6 +19,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,10 +27,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scalejepa.data.pipeline import normalize  # the training pipeline's, so features see the same inputs
+from scalejepa.data.samples import SHARD_READ_ERRORS, SampleError, decode_sample, read_tar
+from scalejepa.data.transforms import decode_center_crop
+
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 10.0
-_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _POSITION_BITS = 32  # sample order key = shard index << 32 | position within the shard
 
 
@@ -73,35 +81,23 @@ def reader_share(num_shards: int, part: int, num_parts: int) -> tuple[list[int],
 
 def iter_shard_samples(urls: Sequence[str], part: int = 0, num_parts: int = 1) -> Iterator[tuple[int, dict]]:
     """(order key, raw webdataset sample) for this reader's share, in shard order."""
-    import webdataset as wds
-
     shards, stride = reader_share(len(urls), part, num_parts)
     for shard in shards:
-        # One finite pass; errors (missing file, broken tar) propagate: a bad eval shard is a problem to fix.
-        samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": urls[shard]}]))
-        for position, sample in enumerate(samples):
-            if stride is None or position % stride == part:
-                yield (shard << _POSITION_BITS) | position, sample
+        try:  # one finite pass; a shard that cannot be read stops the evaluation
+            for position, sample in enumerate(read_tar(urls[shard])):
+                if stride is None or position % stride == part:
+                    yield (shard << _POSITION_BITS) | position, sample
+        except SHARD_READ_ERRORS as exc:
+            raise EvalDataError(f"cannot read eval shard {urls[shard]} ({type(exc).__name__}: {exc}); "
+                                "check the file or rebuild the shards") from exc
 
 
-def decode_sample(sample: dict, image_size: int) -> tuple[np.ndarray, int]:
+def decode_eval_sample(sample: dict, image_size: int) -> tuple[np.ndarray, int]:
     """The eval transform of one sample: (size, size, 3) uint8, label (-1 if none)."""
-    from scalejepa.data.transforms import decode_center_crop
-
-    data = next((sample[k] for k in _IMAGE_KEYS if sample.get(k)), None)
-    where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
-    if data is None:
-        raise EvalDataError(f"{where} has no image ({', '.join(_IMAGE_KEYS)})")
     try:
-        image = decode_center_crop(data, image_size)
-    except Exception as exc:  # noqa: BLE001 - any decoder error: name the sample, then stop
-        raise EvalDataError(f"{where}: cannot decode the image ({exc}); rebuild the shards") from exc
-    raw = sample.get("cls")
-    try:
-        label = int(raw) if raw is not None else -1
-    except ValueError:
-        raise EvalDataError(f"{where}: label {raw!r} is not a class index") from None
-    return image, label
+        return decode_sample(sample, partial(decode_center_crop, size=image_size))
+    except SampleError as exc:
+        raise EvalDataError(f"{exc}; rebuild the shards") from exc
 
 
 class EvalShards(IterableDataset):
@@ -118,7 +114,7 @@ class EvalShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         part, parts = self.rank * workers + worker, self.world_size * workers
         for key, sample in iter_shard_samples(self.urls, part, parts):
-            image, label = decode_sample(sample, self.image_size)
+            image, label = decode_eval_sample(sample, self.image_size)
             yield torch.from_numpy(image.copy()).permute(2, 0, 1), label, key  # PIL arrays are read-only
 
 
@@ -126,7 +122,7 @@ def load_images(urls: Sequence[str], image_size: int) -> tuple[torch.Tensor, tor
     """All images of a (small) shard set, decoded once: (N, 3, S, S) uint8, (N,) labels."""
     images, labels = [], []
     for _, sample in iter_shard_samples(urls):
-        image, label = decode_sample(sample, image_size)
+        image, label = decode_eval_sample(sample, image_size)
         images.append(image)
         labels.append(label)
     if not images:
@@ -135,13 +131,6 @@ def load_images(urls: Sequence[str], image_size: int) -> tuple[torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------- features
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, as the training pipeline normalises."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
 
 
 def pooled_features(encoder: nn.Module, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:

@@ -93,7 +93,7 @@ class KnnEvaluator:
     def data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(train images, train labels, val images, val labels), decoded on first use."""
         if self._data is None:
-            from scalejepa.data.shard_index import resolve_shards
+            from scalejepa.data.cache import resolve_shards
 
             loaded = []
             for what, spec in (("train", self.train_shards), ("val", self.val_shards)):
