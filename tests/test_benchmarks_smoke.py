@@ -125,8 +125,8 @@ def test_scaling_smoke(tmp_path):
     check_env(data["env"])
     rows = {(r["strategy"], r["gpus"]): r for r in data["rows"]}
     assert set(rows) == {(s, n) for s in ("fsdp", "hsdp", "zero2", "ddp") for n in (8, 16, 64, 128)}
-    # the facts file: ViT-H FSDP within one NVLink node ~16 ms; flat over 400 Gb/s ~110-140 ms;
-    # hybrid sharding's cross-node traffic ~5-13 ms
+    # ViT-H parameter traffic (bf16 gathers, fp32 reduce-scatters) at these bandwidths: FSDP
+    # within one NVLink node ~16 ms; flat over 400 Gb/s ~110-140 ms; HSDP cross-node ~5-13 ms
     assert 12 < rows["fsdp", 8]["comm_ms"] < 22
     assert 105 < rows["fsdp", 16]["comm_ms"] < 145
     hsdp_inter = [rows["hsdp", n]["comm_bytes_inter_gb"] / 50 * 1e3 for n in (16, 128)]
