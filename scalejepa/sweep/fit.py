@@ -157,11 +157,10 @@ def fit_sum_of_powers(logs: np.ndarray, y: np.ndarray, *, delta: float = HUBER_D
                       extra_starts: Sequence[np.ndarray] = ()) -> PowerFit:
     """Fit log y ~ log(E + sum_j A_j x_j^-p_j) from the ``starts`` best grid points (+ extra)."""
     log_y = np.log(y)
-    grid = _start_grid(logs.shape[0])
-    losses = _grid_losses(grid, logs, log_y, delta)
-    # Warm starts first, then the best grid points (a bootstrap refit: its full-data optimum
-    # and the resample's best grid point).
-    picks = [np.asarray(s, float) for s in extra_starts] + [grid[i] for i in np.argsort(losses)[:starts]]
+    picks = [np.asarray(s, float) for s in extra_starts]  # a bootstrap refit: the full-data optimum
+    if starts:
+        grid = _start_grid(logs.shape[0])
+        picks += [grid[i] for i in np.argsort(_grid_losses(grid, logs, log_y, delta))[:starts]]
     best = None
     for start in picks:
         res = minimize(_objective, start, args=(logs, log_y, delta), jac=True, method="L-BFGS-B",
@@ -293,7 +292,7 @@ def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float 
         sample = rows.take(rng.integers(0, len(rows), len(rows)))
         try:
             check_parametric(sample)
-            p = fit_parametric(sample, extra_starts=[par["theta"]], starts=1)
+            p = fit_parametric(sample, extra_starts=[par["theta"]], starts=0)
             ok = p["converged"]
         except FitError:
             ok = False
@@ -314,7 +313,7 @@ def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float 
         except FitError:
             failed["isoflop"] += 1
         try:
-            f = fit_frontier(sample, extra_starts=[front["theta"]], starts=1)
+            f = fit_frontier(sample, extra_starts=[front["theta"]], starts=0)
             ok = f["converged"]
         except FitError:
             ok = False
