@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -173,27 +174,44 @@ def run_local(sweep_dir: Path, parallel: int = 1) -> list[int]:
     running: dict[int, subprocess.Popen] = {}
     failed = []
     queue = list(todo)
-    while queue or running:
-        while queue and len(running) < parallel:
-            job = queue.pop(0)
-            with (logs / f"job_{job:04d}.log").open("a") as f:
-                running[job] = subprocess.Popen(
-                    [sys.executable, "-m", "scalejepa.sweep.cli", "worker", str(sweep_dir), "--job", str(job)],
-                    stdout=f, stderr=subprocess.STDOUT, env=env)
-        time.sleep(0.2)
-        for job, proc in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del running[job]
-            names = ", ".join(a["run"] for a in plan["jobs"][job] if a["kind"] == "run")
-            if code:
-                failed.append(job)
-                print(f"scalejepa-sweep: job {job} ({names}) FAILED (exit {code}); see {logs}/job_{job:04d}.log",
-                      flush=True)
-            else:
-                print(f"scalejepa-sweep: job {job} ({names}) finished", flush=True)
+    # Interrupted (Ctrl-C, or SIGTERM from a scheduler or a timeout): stop every worker's
+    # process group, its training and probe subprocesses included; a re-run resumes.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                job = queue.pop(0)
+                with (logs / f"job_{job:04d}.log").open("a") as f:
+                    running[job] = subprocess.Popen(
+                        [sys.executable, "-m", "scalejepa.sweep.cli", "worker", str(sweep_dir), "--job", str(job)],
+                        stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            time.sleep(0.2)
+            _reap(running, plan, failed, logs)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in running.values():
+            os.killpg(proc.pid, signal.SIGTERM)
     return failed
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _reap(running: dict[int, subprocess.Popen], plan: dict[str, Any], failed: list[int], logs: Path) -> None:
+    """Report the workers that have exited and forget them."""
+    for job, proc in list(running.items()):
+        code = proc.poll()
+        if code is None:
+            continue
+        del running[job]
+        names = ", ".join(a["run"] for a in plan["jobs"][job] if a["kind"] == "run")
+        if code:
+            failed.append(job)
+            print(f"scalejepa-sweep: job {job} ({names}) FAILED (exit {code}); see {logs}/job_{job:04d}.log",
+                  flush=True)
+        else:
+            print(f"scalejepa-sweep: job {job} ({names}) finished", flush=True)
 
 
 def slurm_script(sweep_dir: Path, plan: dict[str, Any], jobs: list[int]) -> str:
