@@ -89,3 +89,20 @@ def test_fit_runs_contract(tmp_path, capsys):
     assert last["bootstrap"]["failed"]["parametric"] >= 0
     assert main(["fit", "--runs", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_writes_plots_and_summary(tmp_path, capsys):
+    rows = chinchilla_rows(budgets=np.logspace(15, 18, 4))
+    for i, row in enumerate(rows):
+        row.update(run=f"r{i}", shape=f"n{row['params']:.3g}", final_train_loss=0.1)
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(tmp_path), "--bootstrap", "5"]) == 0
+    report = tmp_path / "report"
+    for name in ("frontier.png", "isoflop.png", "n_opt.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (report / "summary.md").read_text()
+    assert "IsoFLOP exponent" in summary and "Leave-the-largest-budget-out" in summary and "| r0 |" in summary
+    # Too few runs for some fits: the report still shows the rest and says which failed.
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:7]))
+    assert main(["report", str(tmp_path), "--bootstrap", "2"]) == 0
+    assert "The parametric fit failed: 7 rows" in (report / "summary.md").read_text()

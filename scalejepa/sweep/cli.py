@@ -114,8 +114,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from scalejepa.sweep.report import write_report
 
-        result = _fit(args, _runs_file(args))
+        result = _fit(args, _runs_file(args), strict=False)
         plan_mod.write_json(args.dir / "fit.json", result)
+        for name, message in result["errors"].items():
+            print(f"report: the {name} fit failed: {message}", file=sys.stderr)
         print(f"report: {write_report(args.dir, result, args.metric)}")
         return 0
     raise AssertionError(args.command)
@@ -127,12 +129,13 @@ def _runs_file(args: argparse.Namespace) -> Path:
     return args.dir / "runs.jsonl"
 
 
-def _fit(args: argparse.Namespace, path: Path) -> dict:
+def _fit(args: argparse.Namespace, path: Path, strict: bool = True) -> dict:
     from scalejepa.sweep.collect import read_rows
     from scalejepa.sweep.fit import fit_all, rows_from_dicts
 
     rows = rows_from_dicts(read_rows(path), args.metric)
-    return fit_all(rows, bootstrap=args.bootstrap, seed=args.seed, at_flops=args.at_flops, metric=args.metric)
+    return fit_all(rows, bootstrap=args.bootstrap, seed=args.seed, at_flops=args.at_flops, metric=args.metric,
+                   strict=strict)
 
 
 def _fit_text(r: dict) -> str:

@@ -268,75 +268,97 @@ def _interval(samples: Sequence[float]) -> tuple[float | None, float | None]:
     return float(lo), float(hi)
 
 
-def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float | None = None,
-            metric: str = "knn_err") -> dict[str, Any]:
-    """All three fits, their bootstrap intervals and the derived optima (JSON-ready)."""
+VALUE_KEYS = ("alpha", "beta", "E", "A", "B", "parametric_exponent", "n_opt_parametric", "isoflop_exponent",
+              "n_opt_isoflop", "frontier_E", "frontier_A", "frontier_alpha")
+
+
+def _parametric_values(p: dict[str, Any], c_per: float, budget: float) -> dict[str, float]:
+    return {"alpha": p["alpha"], "beta": p["beta"], "E": p["E"], "A": p["A"], "B": p["B"],
+            "parametric_exponent": p["beta"] / (p["alpha"] + p["beta"]),
+            "n_opt_parametric": parametric_optimum(p, c_per, budget)}
+
+
+def _isoflop_values(s: dict[str, Any], budget: float) -> dict[str, float]:
+    return {"isoflop_exponent": s["exponent"], "n_opt_isoflop": math.exp(s["log_k"]) * budget ** s["exponent"]}
+
+
+def _frontier_values(f: dict[str, Any]) -> dict[str, float]:
+    return {"frontier_E": f["E"], "frontier_A": f["A"], "frontier_alpha": f["alpha"]}
+
+
+def _checked_parametric(rows: Rows, **kw) -> dict[str, Any]:
     check_parametric(rows)
-    iso = fit_isoflop(rows)
-    par = fit_parametric(rows)
-    front = fit_frontier(rows)
+    return fit_parametric(rows, **kw)
+
+
+def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float | None = None,
+            metric: str = "knn_err", strict: bool = True) -> dict[str, Any]:
+    """All three fits, their bootstrap intervals and the derived optima (JSON-ready).
+
+    ``strict``: a fit the rows cannot support raises :class:`FitError`; otherwise its
+    values are None and ``errors`` says why (a report still shows the others)."""
     c_per = float(np.median(rows.flops / (rows.params * rows.images)))
     budget = float(at_flops or rows.flops.max())
-    n_iso = math.exp(iso["log_k"]) * budget ** iso["exponent"]
-    n_par = parametric_optimum(par, c_per, budget)
-    point = {"alpha": par["alpha"], "beta": par["beta"], "E": par["E"], "A": par["A"], "B": par["B"],
-             "isoflop_exponent": iso["exponent"], "parametric_exponent": par["beta"] / (par["alpha"] + par["beta"]),
-             "frontier_E": front["E"], "frontier_A": front["A"], "frontier_alpha": front["alpha"],
-             "n_opt_isoflop": n_iso, "n_opt_parametric": n_par}
+    fitters = {  # name: (fit of a sample given the full-data fit, the values it yields)
+        "parametric": (lambda r, full: _checked_parametric(r, **_warm(full)),
+                       lambda p: _parametric_values(p, c_per, budget)),
+        "isoflop": (lambda r, full: fit_isoflop(r), lambda p: _isoflop_values(p, budget)),
+        "frontier": (lambda r, full: fit_frontier(r, **_warm(full)), _frontier_values),
+    }
+    full, errors, point = {}, {}, {}
+    for name, (fit, values) in fitters.items():
+        try:
+            full[name] = fit(rows, None)
+        except FitError as exc:
+            if strict:
+                raise
+            errors[name] = str(exc)
+            continue
+        point.update(values(full[name]))
 
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {k: [] for k in point}
     iso_samples: list[tuple[float, float]] = []
-    failed = {"parametric": 0, "isoflop": 0, "frontier": 0}
+    failed = {name: 0 for name in full}
     for _ in range(bootstrap):
         sample = rows.take(rng.integers(0, len(rows), len(rows)))
-        try:
-            check_parametric(sample)
-            p = fit_parametric(sample, extra_starts=[par["theta"]], starts=0)
-            ok = p["converged"]
-        except FitError:
-            ok = False
-        if ok:
-            samples["alpha"].append(p["alpha"])
-            samples["beta"].append(p["beta"])
-            for k in ("E", "A", "B"):
-                samples[k].append(p[k])
-            samples["parametric_exponent"].append(p["beta"] / (p["alpha"] + p["beta"]))
-            samples["n_opt_parametric"].append(parametric_optimum(p, c_per, budget))
-        else:
-            failed["parametric"] += 1
-        try:
-            s = fit_isoflop(sample)
-            samples["isoflop_exponent"].append(s["exponent"])
-            samples["n_opt_isoflop"].append(math.exp(s["log_k"]) * budget ** s["exponent"])
-            iso_samples.append((s["log_k"], s["exponent"]))
-        except FitError:
-            failed["isoflop"] += 1
-        try:
-            f = fit_frontier(sample, extra_starts=[front["theta"]], starts=0)
-            ok = f["converged"]
-        except FitError:
-            ok = False
-        if ok:
-            for k in ("E", "A", "alpha"):
-                samples[f"frontier_{k}"].append(f[k])
-        else:
-            failed["frontier"] += 1
+        for name, fitted in full.items():
+            fit, values = fitters[name]
+            try:
+                refit = fit(sample, fitted)
+            except FitError:
+                refit = None
+            if refit is None or not refit.get("converged", True):
+                failed[name] += 1
+                continue
+            for key, value in values(refit).items():
+                samples[key].append(value)
+            if name == "isoflop":
+                iso_samples.append((refit["log_k"], refit["exponent"]))
 
     result: dict[str, Any] = {"metric": metric, "rows": len(rows), "budgets": int(len(np.unique(rows.budget)))}
-    for key, value in point.items():
-        lo, hi = _interval(samples[key])
-        result.update({key: float(value), f"{key}_lo": lo, f"{key}_hi": hi})
+    for key in VALUE_KEYS:
+        lo, hi = _interval(samples.get(key, []))
+        value = point.get(key)
+        result.update({key: None if value is None else float(value), f"{key}_lo": lo, f"{key}_hi": hi})
     result.update({
-        "n_opt_budget_flops": budget, "flops_per_param_image": c_per, "isoflop_log_k": iso["log_k"],
+        "n_opt_budget_flops": budget, "flops_per_param_image": c_per,
+        "isoflop_log_k": full["isoflop"]["log_k"] if "isoflop" in full else None,
         "interval": INTERVAL, "huber_delta": HUBER_DELTA,
         "bootstrap": {"samples": bootstrap, "seed": seed, "failed": failed},
-        "converged": {"parametric": par["converged"], "frontier": front["converged"]},
-        "isoflop_profiles": iso["profiles"], "frontier_points": front["points"],
+        "converged": {name: bool(full[name]["converged"]) for name in ("parametric", "frontier") if name in full},
+        "errors": errors,
+        "isoflop_profiles": full["isoflop"]["profiles"] if "isoflop" in full else isoflop_profiles(rows),
+        "frontier_points": full["frontier"]["points"] if "frontier" in full else None,
         "isoflop_bootstrap": [list(s) for s in iso_samples],
         "holdout_largest_budget": holdout_check(rows),
     })
     return result
+
+
+def _warm(full: dict[str, Any] | None) -> dict[str, Any]:
+    """Bootstrap refits start from the full-data optimum only; full fits from the grid."""
+    return {} if full is None else {"extra_starts": [full["theta"]], "starts": 0}
 
 
 def holdout_check(rows: Rows) -> dict[str, Any]:

@@ -39,10 +39,11 @@ def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str) -> Path:
     for shape, color in zip(shapes, colors):
         mine = [r for r in rows if r["shape"] == shape]
         ax.scatter([r["flops"] for r in mine], [r[metric] for r in mine], color=color, label=shape, s=28)
-    c = np.geomspace(min(r["flops"] for r in rows) / 1.5, max(r["flops"] for r in rows) * 3, 100)
-    ax.plot(c, fit["frontier_E"] + fit["frontier_A"] * c ** (-fit["frontier_alpha"]), "k--",
-            label=f"frontier E + A C^-{fit['frontier_alpha']:.2f}")
-    ax.axhline(fit["frontier_E"], color="0.6", lw=0.8, ls=":")
+    if fit["frontier_alpha"] is not None:
+        c = np.geomspace(min(r["flops"] for r in rows) / 1.5, max(r["flops"] for r in rows) * 3, 100)
+        ax.plot(c, fit["frontier_E"] + fit["frontier_A"] * c ** (-fit["frontier_alpha"]), "k--",
+                label=f"frontier E + A C^-{fit['frontier_alpha']:.2f}")
+        ax.axhline(fit["frontier_E"], color="0.6", lw=0.8, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs (scalejepa.flops model)", ylabel=metric,
            title="error vs compute")
     ax.legend(fontsize=7)
@@ -67,11 +68,12 @@ def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     found = [p for p in budgets if p["n_opt"] is not None]
     ax.scatter([p["flops"] for p in found], [p["n_opt"] for p in found], color="k", zorder=3, label="IsoFLOP minima")
-    c = np.geomspace(min(p["flops"] for p in budgets) / 2, max(p["flops"] for p in budgets) * 4, 60)
-    ax.plot(c, np.exp(fit["isoflop_log_k"]) * c ** fit["isoflop_exponent"], "k-",
-            label=f"N_opt = k C^{fit['isoflop_exponent']:.2f}")
+    c = np.geomspace(min(r["flops"] for r in rows) / 2, max(r["flops"] for r in rows) * 4, 60)
+    if fit["isoflop_exponent"] is not None:
+        ax.plot(c, np.exp(fit["isoflop_log_k"]) * c ** fit["isoflop_exponent"], "k-",
+                label=f"N_opt = k C^{fit['isoflop_exponent']:.2f}")
     samples = np.array(fit["isoflop_bootstrap"])
-    if len(samples):
+    if len(samples) and fit["isoflop_exponent"] is not None:
         curves = np.exp(samples[:, :1] + samples[:, 1:2] * np.log(c)[None])
         lo, hi = np.percentile(curves, [10, 90], axis=0)
         ax.fill_between(c, lo, hi, color="0.7", alpha=0.5, label="80% bootstrap band")
@@ -89,6 +91,8 @@ def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str) -> Path:
 
 
 def _band(fit: dict[str, Any], key: str, fmt: str = ".3g") -> str:
+    if fit[key] is None:
+        return "not fitted (see below)"
     lo, hi = fit[f"{key}_lo"], fit[f"{key}_hi"]
     band = f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None else " (no interval)"
     return f"{fit[key]:{fmt}}{band}"
@@ -101,15 +105,15 @@ def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: st
         f"# Sweep report: {metric}",
         "",
         f"{fit['rows']} runs, {fit['budgets']} budgets; 80% bootstrap intervals from {fit['bootstrap']['samples']} "
-        f"resamples of the runs (failed refits: parametric {failed['parametric']}, IsoFLOP {failed['isoflop']}, "
-        f"frontier {failed['frontier']}).",
+        f"resamples of the runs (failed refits: "
+        + (", ".join(f"{name} {count}" for name, count in failed.items()) or "none attempted") + ").",
         "",
         "| quantity | fit [80% interval] |",
         "|---|---|",
         f"| IsoFLOP exponent a (N_opt = k C^a) | {_band(fit, 'isoflop_exponent')} |",
         f"| parametric alpha (params) | {_band(fit, 'alpha')} |",
         f"| parametric beta (images) | {_band(fit, 'beta')} |",
-        f"| parametric E / A / B | {fit['E']:.3g} / {fit['A']:.3g} / {fit['B']:.3g} |",
+        f"| parametric E / A / B | {_band(fit, 'E')} / {_band(fit, 'A')} / {_band(fit, 'B')} |",
         f"| parametric exponent beta/(alpha+beta) | {_band(fit, 'parametric_exponent')} |",
         f"| frontier err(C) = E + A C^-alpha: alpha | {_band(fit, 'frontier_alpha')} |",
         f"| frontier E (irreducible error) | {_band(fit, 'frontier_E')} |",
@@ -126,6 +130,8 @@ def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: st
             for p in fit["isoflop_profiles"]) + ".",
         "",
     ]
+    for name, message in fit["errors"].items():
+        lines += [f"The {name} fit failed: {message}", ""]
     if "skipped" in hold:
         lines.append(f"Leave-the-largest-budget-out check: skipped ({hold['skipped']}).")
     else:
