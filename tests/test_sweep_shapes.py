@@ -64,3 +64,17 @@ def test_bad_custom_shapes_are_refused(overrides, message):
 def test_shape_keys_need_arch_custom():
     with pytest.raises(ConfigError, match="model.width applies to model.arch=custom only"):
         validate(load_config("debug_cpu", ["model.width=64"]))
+
+
+def test_flops_from_one_step_log_windows_are_exact():
+    from scalejepa.sweep.collect import window_totals
+
+    config = custom(SHAPES[0])
+    generator = MaskGenerator(config.model.image_size // config.model.patch_size, config.mask)
+    batch = config.train.batch_size
+    masks = [generator(batch, mask_rng(0, 0, 0, i)) for i in range(3)]
+    records = [{"step": i + 1, "context_tokens": m.context_tokens / batch, "target_tokens": m.target_tokens / batch,
+                "step_time_s": 0.5} for i, m in enumerate(masks)]
+    totals = window_totals(config, records, 0, 3)
+    assert totals["flops"] == pytest.approx(sum(flops.batch_flops(config, m).total for m in masks), rel=1e-12)
+    assert totals["images"] == 3 * batch and totals["loop_s"] == pytest.approx(1.5)

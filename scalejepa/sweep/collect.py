@@ -4,11 +4,11 @@ FLOPs are recomputed from what the run logged, window by window: each ``metrics.
 record holds the mean context tokens and target tokens per image of the steps since the
 previous record, and ``scalejepa.flops.step_flops_per_image`` turns them into model
 FLOPs (the convention of ``scalejepa.flops``: matmuls, 2 per multiply-add, backward 2 x
-forward for the trained parts, the target encoder forward only). With ``log_every: 1``
-and the reference's truncated contexts every window is one step whose context length is
-exact; the predictor's attention uses the mean target-block length, off by that
-length's variance (about 0.1% of a step at the demo's sizes, well under at ViT sizes).
-Under several ranks the token counts are rank 0's.
+forward for the trained parts, the target encoder forward only). With the reference
+masks (one block size per batch, contexts truncated to the batch minimum) a one-step
+window (``log_every: 1``) is exact; a longer window averages the attention term's
+squared lengths over its steps (10-step windows of the cpu_demo shapes: 0.02-0.1% low,
+measured on sampled masks). Under several ranks the token counts are rank 0's.
 
 A branched run (WSD cool-down) is charged its parent's FLOPs up to the branch step plus
 its own. ``params`` is the encoder's parameter count (the model that is probed); the
