@@ -348,12 +348,21 @@ def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float 
         "bootstrap": {"samples": bootstrap, "seed": seed, "failed": failed},
         "converged": {name: bool(full[name]["converged"]) for name in ("parametric", "frontier") if name in full},
         "errors": errors,
+        "at_bounds": {name: _at_bounds(full[name]["theta"], names) for name, names in
+                      (("parametric", ("E", "A", "alpha", "B", "beta")), ("frontier", ("E", "A", "alpha")))
+                      if name in full},
         "isoflop_profiles": full["isoflop"]["profiles"] if "isoflop" in full else isoflop_profiles(rows),
         "frontier_points": full["frontier"]["points"] if "frontier" in full else None,
         "isoflop_bootstrap": [list(s) for s in iso_samples],
         "holdout_largest_budget": holdout_check(rows),
     })
     return result
+
+
+def _at_bounds(theta: np.ndarray, names: Sequence[str]) -> list[str]:
+    """Parameters a fit left at a bound of its search box: not identified by the rows."""
+    return [name for name, value, (lo, hi) in zip(names, theta, _bounds((len(theta) - 1) // 2))
+            if min(value - lo, hi - value) < 1e-6 * max(1.0, abs(value))]
 
 
 def _warm(full: dict[str, Any] | None) -> dict[str, Any]:

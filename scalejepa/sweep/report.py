@@ -132,6 +132,15 @@ def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: st
     ]
     for name, message in fit["errors"].items():
         lines += [f"The {name} fit failed: {message}", ""]
+    samples = fit["bootstrap"]["samples"]
+    for name, count in failed.items():
+        if samples and count > samples / 2:
+            lines += [f"Warning: {count} of {samples} {name} refits failed: its interval comes from the few "
+                      "resamples that could be fitted and understates the uncertainty.", ""]
+    for name, params in fit.get("at_bounds", {}).items():
+        if params:
+            lines += [f"Warning: the {name} fit left {', '.join(params)} at the bound of its search range: the "
+                      "runs do not identify it (and the intervals that depend on it mean little).", ""]
     if "skipped" in hold:
         lines.append(f"Leave-the-largest-budget-out check: skipped ({hold['skipped']}).")
     else:
