@@ -12,6 +12,9 @@ import pytest
 
 from _distributed import REPO, subprocess_env
 
+# Real training, probe and torchrun subprocesses: ~93 s of CPU time for the file (measured).
+pytestmark = pytest.mark.slow
+
 MICRO = {
     "base": "debug_cpu",
     "overrides": {"train.batch_size": 16, "data.num_workers": 0, "data.shuffle_buffer": 50},
