@@ -29,7 +29,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: Literal["vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"] = "vit_huge"
+    # A named size, or custom: the shape given by width, depth, heads and mlp_ratio below.
+    arch: Literal[
+        "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant", "custom"
+    ] = "vit_huge"
+    width: int = 0  # model.arch=custom only: encoder width D (a multiple of heads)
+    depth: int = 0  # model.arch=custom only: encoder blocks
+    heads: int = 0  # model.arch=custom only: attention heads; width / heads must be a multiple of 8
+    mlp_ratio: float = 4.0  # model.arch=custom only: MLP hidden width = width x mlp_ratio
     image_size: int = 224
     patch_size: int = 14
     in_chans: int = 3
@@ -90,6 +97,17 @@ class OptimConfig:
     eps: float = 1e-8
     ema: tuple[float, float] = (0.996, 1.0)
     clip_grad: float = 0.0  # 0: no clipping (the reference)
+    # cosine: the reference schedules (cosine LR and weight decay, linear EMA ramp), which
+    # depend on the total steps. wsd: warmup-stable-decay, linear warm-up, constant lr,
+    # then a linear decay to final_lr over the last decay_fraction of the steps, with a
+    # constant weight decay (weight_decay) and a constant EMA momentum (ema[0]): no rule
+    # but the decay depends on the total steps, so a shorter run is an exact branch of a
+    # longer one up to its decay (scaling-law sweeps, Hägele et al. 2024).
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2
+    # Warm-up length in steps; 0: from warmup_epochs. A fixed count keeps the warm-up of
+    # runs of different lengths identical (branched WSD runs need that).
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -316,6 +334,12 @@ def _plain(obj: Any) -> Any:
 def validate(config: Config) -> None:
     """Cross-field checks that single values cannot express."""
     m, t = config.model, config.train
+    check_model_shape(m)
+    o = config.optim
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps must be >= 0")
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} must be a multiple of model.patch_size={m.patch_size}")
     for name in ("batch_size", "grad_accum", "log_every"):
@@ -336,4 +360,37 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"eval.knn_every={e.knn_every} needs eval.knn_train_shards and eval.knn_val_shards "
             "(labeled shard sets, e.g. builtin:mnist5k:train and builtin:mnist5k:val)"
+        )
+
+
+def check_model_shape(model: ModelConfig) -> None:
+    """model.arch=custom needs a shape that builds (width a multiple of heads, head
+    dimension a multiple of 8, an integer MLP width); named sizes take no shape keys."""
+    shape = {"width": model.width, "depth": model.depth, "heads": model.heads}
+    if model.arch != "custom":
+        given = [k for k, v in shape.items() if v] + (["mlp_ratio"] if model.mlp_ratio != 4.0 else [])
+        if given:
+            raise ConfigError(
+                f"model.{given[0]} applies to model.arch=custom only (model.arch={model.arch} has a fixed shape): "
+                f"set model.arch=custom or drop model.{given[0]}"
+            )
+        return
+    missing = [k for k, v in shape.items() if v < 1]
+    if missing:
+        raise ConfigError(f"model.arch=custom needs model.{missing[0]} >= 1 (set model.width, model.depth, model.heads)")
+    if model.width % model.heads:
+        raise ConfigError(
+            f"model.width={model.width} is not divisible by model.heads={model.heads}: pick a width that is a "
+            f"multiple of the head count"
+        )
+    head_dim = model.width // model.heads
+    if head_dim % 8:
+        raise ConfigError(
+            f"head dimension model.width / model.heads = {model.width} / {model.heads} = {head_dim} must be a multiple "
+            f"of 8 (attention kernels): e.g. model.heads={max(1, model.width // (8 * max(1, round(head_dim / 8))))}"
+        )
+    hidden = model.width * model.mlp_ratio
+    if model.mlp_ratio <= 0 or abs(hidden - round(hidden)) > 1e-6:
+        raise ConfigError(
+            f"model.mlp_ratio={model.mlp_ratio} must be > 0 and give an integer MLP width (width x mlp_ratio = {hidden})"
         )

@@ -87,9 +87,9 @@ class _Dims:
 
 
 def _dims(model: ModelConfig) -> _Dims:
-    from scalejepa.models.vit import VIT_SIZES
+    from scalejepa.models.vit import model_size
 
-    size = VIT_SIZES[model.arch]
+    size = model_size(model)
     grid = model.image_size // model.patch_size
     return _Dims(
         dim=size.embed_dim, depth=size.depth, mlp=size.mlp_hidden_dim, num_patches=grid * grid,
@@ -104,7 +104,9 @@ def _model_config(config: Config | ModelConfig) -> ModelConfig:
 
 def param_counts(config: Config | ModelConfig) -> dict[str, int]:
     """Parameters of the context encoder, the predictor and the target encoder (analytic;
-    equal to ``count_parameters`` of the built models, see tests/test_flops.py)."""
+    equal to ``count_parameters`` of the built models, see tests/test_flops.py), and the
+    encoder's non-embedding parameters (without the patch embedding; the position
+    embedding is a fixed buffer, not a parameter)."""
     d = _dims(_model_config(config))
 
     def blocks(width: int, hidden: int, depth: int) -> int:
@@ -116,7 +118,9 @@ def param_counts(config: Config | ModelConfig) -> dict[str, int]:
     encoder = (d.patch_in * d.dim + d.dim) + blocks(d.dim, d.mlp, d.depth) + 2 * d.dim
     predictor = ((d.dim * d.pred_dim + d.pred_dim) + d.pred_dim + blocks(d.pred_dim, d.pred_mlp, d.pred_depth)
                  + 2 * d.pred_dim + (d.pred_dim * d.dim + d.dim))
-    return {"encoder": encoder, "predictor": predictor, "target": encoder, "trainable": encoder + predictor}
+    embedding = d.patch_in * d.dim + d.dim
+    return {"encoder": encoder, "predictor": predictor, "target": encoder, "trainable": encoder + predictor,
+            "encoder_non_embedding": encoder - embedding}
 
 
 # ----------------------------------------------------------------------------- FLOPs

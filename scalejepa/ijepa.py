@@ -11,7 +11,7 @@ from torch import nn
 from scalejepa.config import ModelConfig
 from scalejepa.masks import MaskBatch
 from scalejepa.models.predictor import Predictor
-from scalejepa.models.vit import VisionTransformer
+from scalejepa.models.vit import VisionTransformer, model_size
 
 
 def jepa_loss(predictions: torch.Tensor, targets: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
@@ -47,7 +47,8 @@ def compute_targets(target_encoder: VisionTransformer, images: torch.Tensor, mas
 
 
 def build_encoder(config: ModelConfig) -> VisionTransformer:
-    return VisionTransformer(config.arch, config.image_size, config.patch_size, config.in_chans, config.attn_impl)
+    return VisionTransformer(config.arch, config.image_size, config.patch_size, config.in_chans, config.attn_impl,
+                             size=model_size(config))
 
 
 def build_models(config: ModelConfig, loss: str = "smooth_l1") -> tuple[IJEPA, VisionTransformer]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scalejepa.config import ModelConfig, check_model_shape
+
 from .init import init_vit_weights
 from .layers import Block, PatchEmbed, Seqs, sincos_pos_embed_2d
 
@@ -36,6 +38,32 @@ VIT_SIZES: dict[str, VitSize] = {
 }
 
 
+def model_size(config: ModelConfig) -> VitSize:
+    """The encoder shape of a model config: a named size, or model.arch=custom's shape
+    (checked: width divisible by heads, head dimension a multiple of 8)."""
+    if config.arch != "custom":
+        if config.arch not in VIT_SIZES:
+            raise ValueError(f"unknown architecture {config.arch!r}; choose one of {', '.join(VIT_SIZES)} or custom")
+        return VIT_SIZES[config.arch]
+    check_model_shape(config)
+    return VitSize(config.width, config.depth, config.heads, round(config.width * config.mlp_ratio))
+
+
+def custom_arch_name(size: VitSize) -> str:
+    """A name that identifies a custom shape (for weights read back without a config)."""
+    return f"custom_w{size.embed_dim}_d{size.depth}_h{size.num_heads}_m{size.mlp_hidden_dim}"
+
+
+def register_size(name: str, size: VitSize) -> None:
+    """Make ``name`` a known architecture, looked up before the named sizes (weights are
+    matched to an architecture by shape, first match wins: a custom shape that equals a
+    named one but for its head count must win). For processes that load weights of a
+    custom shape, e.g. the sweep's probes."""
+    others = {k: v for k, v in VIT_SIZES.items() if k != name}
+    VIT_SIZES.clear()
+    VIT_SIZES.update({name: size, **others})
+
+
 class TokenSelection:
     """Which patch tokens of each image go in: packed patch indices + their layout."""
 
@@ -52,11 +80,14 @@ class VisionTransformer(nn.Module):
         patch_size: int = 16,
         in_chans: int = 3,
         attn_impl: str = "sdpa",
+        size: VitSize | None = None,
     ):
+        """``size``: the shape of a custom architecture (``model_size``); default: the named size ``arch``."""
         super().__init__()
-        if arch not in VIT_SIZES:
-            raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VIT_SIZES)}")
-        size = VIT_SIZES[arch]
+        if size is None:
+            if arch not in VIT_SIZES:
+                raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VIT_SIZES)}")
+            size = VIT_SIZES[arch]
         self.arch = arch
         self.embed_dim = size.embed_dim
         self.num_heads = size.num_heads

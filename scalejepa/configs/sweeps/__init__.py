@@ -1,0 +1,1 @@
+"""Shipped sweep specs (``scalejepa-sweep plan NAME``)."""

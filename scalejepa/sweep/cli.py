@@ -1,0 +1,159 @@
+"""``scalejepa-sweep``: plan, run, collect, fit and report a scaling-law sweep.
+
+    scalejepa-sweep plan cpu_demo --out sweeps/demo      # table of runs, sweeps/demo/plan.json
+    scalejepa-sweep run sweeps/demo --parallel 2         # local subprocesses; re-run resumes
+    scalejepa-sweep run sweeps/demo --launcher slurm     # sbatch --array, one task per job
+    scalejepa-sweep collect sweeps/demo                  # sweeps/demo/runs.jsonl
+    scalejepa-sweep fit sweeps/demo                      # or: fit --runs FILE.jsonl --metric knn_err
+    scalejepa-sweep report sweeps/demo                   # sweeps/demo/report/*.png + summary.md
+
+``fit`` prints a JSON object as its last stdout line: alpha, beta, E, A, B and
+isoflop_exponent, each with _lo/_hi (80% bootstrap interval), and more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from scalejepa.sweep.collect import CollectError
+from scalejepa.sweep.fit import FitError
+from scalejepa.sweep.runner import SweepRunError
+from scalejepa.sweep.spec import SweepSpecError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalejepa-sweep", description="Compute-optimal I-JEPA sweeps.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="expand a spec into runs, write DIR/plan.json")
+    plan.add_argument("spec", help="shipped spec name (cpu_demo) or a YAML path")
+    plan.add_argument("--out", required=True, type=Path, help="the sweep directory")
+    run = sub.add_parser("run", help="train and probe the planned runs (finished ones are skipped)")
+    run.add_argument("dir", type=Path)
+    run.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    run.add_argument("--parallel", type=int, default=1, help="local: jobs at a time")
+    run.add_argument("--no-submit", action="store_true", help="slurm: write the script, do not call sbatch")
+    collect = sub.add_parser("collect", help="one row per finished run: DIR/runs.jsonl")
+    collect.add_argument("dir", type=Path)
+    fit = sub.add_parser("fit", help="IsoFLOP, parametric and frontier fits with bootstrap intervals")
+    fit.add_argument("dir", type=Path, nargs="?", help="sweep directory (its runs.jsonl); or give --runs")
+    fit.add_argument("--runs", type=Path, help="a JSONL file of rows with params, flops, images and the metric")
+    _fit_options(fit)
+    report = sub.add_parser("report", help="plots (PNG) and a Markdown summary in DIR/report/")
+    report.add_argument("dir", type=Path)
+    _fit_options(report)
+    worker = sub.add_parser("worker", help="(internal) run one job of a plan")
+    worker.add_argument("dir", type=Path)
+    worker.add_argument("--job", type=int, required=True)
+    worker.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    return parser
+
+
+def _fit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metric", default="knn_err", help="the error column to fit (knn_err, linear_err)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--at-flops", type=float, default=None,
+                        help="budget for N_opt and its interval (default: the largest in the rows)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return _dispatch(args)
+    except (SweepSpecError, SweepRunError, CollectError, FitError) as exc:
+        print(f"scalejepa-sweep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from scalejepa.sweep import plan as plan_mod
+    from scalejepa.sweep import runner
+
+    if args.command == "plan":
+        from scalejepa.sweep.spec import load_spec, spec_path
+
+        plan = plan_mod.plan_sweep(load_spec(args.spec), str(spec_path(args.spec)))
+        print(plan_mod.format_table(plan))
+        plan_mod.write_json(args.out / "plan.json", plan)
+        print(f"plan: {args.out / 'plan.json'}")
+        return 0
+    if args.command == "run":
+        plan_mod.check_probe_data_of(plan_mod.load_plan(args.dir))
+        if args.launcher == "slurm":
+            print(f"slurm script: {runner.run_slurm(args.dir, submit=not args.no_submit)}")
+            return 0
+        if args.parallel < 1:
+            raise SweepRunError("--parallel must be >= 1")
+        failed = runner.run_local(args.dir, args.parallel)
+        return 1 if failed else 0
+    if args.command == "worker":
+        runner.run_job(args.dir, args.job, args.launcher)
+        return 0
+    if args.command == "collect":
+        from scalejepa.sweep.collect import collect
+
+        path, count, missing = collect(args.dir)
+        print(f"collect: {count} finished runs -> {path}" + (f"; not finished: {', '.join(missing)}" if missing else ""))
+        return 0
+    if args.command == "fit":
+        result = _fit(args, args.runs if args.runs else _runs_file(args))
+        from scalejepa.sweep.fit import contract_line
+
+        if args.dir:
+            plan_mod.write_json(args.dir / "fit.json", result)
+        print(_fit_text(result))
+        print(json.dumps(contract_line(result)))
+        return 0
+    if args.command == "report":
+        from scalejepa.sweep.report import write_report
+
+        result = _fit(args, _runs_file(args), strict=False)
+        plan_mod.write_json(args.dir / "fit.json", result)
+        for name, message in result["errors"].items():
+            print(f"report: the {name} fit failed: {message}", file=sys.stderr)
+        print(f"report: {write_report(args.dir, result, args.metric)}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _runs_file(args: argparse.Namespace) -> Path:
+    if not args.dir:
+        raise FitError("give a sweep directory or --runs FILE.jsonl")
+    return args.dir / "runs.jsonl"
+
+
+def _fit(args: argparse.Namespace, path: Path, strict: bool = True) -> dict:
+    from scalejepa.sweep.collect import read_rows
+    from scalejepa.sweep.fit import fit_all, rows_from_dicts
+
+    rows = rows_from_dicts(read_rows(path), args.metric)
+    return fit_all(rows, bootstrap=args.bootstrap, seed=args.seed, at_flops=args.at_flops, metric=args.metric,
+                   strict=strict)
+
+
+def _fit_text(r: dict) -> str:
+    def show(key: str) -> str:
+        lo, hi = r[f"{key}_lo"], r[f"{key}_hi"]
+        band = f" [{lo:.4g}, {hi:.4g}]" if lo is not None else " [no interval]"
+        return f"  {key:<22} {r[key]:.4g}{band}"
+
+    keys = ("alpha", "beta", "E", "A", "B", "isoflop_exponent", "parametric_exponent", "frontier_E", "frontier_A",
+            "frontier_alpha", "n_opt_isoflop", "n_opt_parametric")
+    failed = r["bootstrap"]["failed"]
+    return "\n".join([f"fit of {r['metric']} over {r['rows']} runs, {r['budgets']} budgets "
+                      f"(80% bootstrap intervals, {r['bootstrap']['samples']} resamples; failed refits: "
+                      f"parametric {failed['parametric']}, isoflop {failed['isoflop']}, frontier {failed['frontier']})"]
+                     + [show(k) for k in keys]
+                     + [f"  N_opt at {r['n_opt_budget_flops']:.3g} FLOPs; c = {r['flops_per_param_image']:.3g} FLOPs "
+                        f"per parameter per image"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
