@@ -22,11 +22,11 @@ from pathlib import Path
 from scalejepa.eval.spec import SIDECAR_FORMAT, SIDECAR_VERSION, EncoderWeights, WeightsError
 from scalejepa.eval.weights import load_weights, sidecar_path
 from scalejepa.io import atomic_torch_save, atomic_write_text
-from scalejepa.models.vit import VIT_SIZES
+from scalejepa.models.vit import model_size
 
 
 def sidecar(weights: EncoderWeights, entry: str) -> dict:
-    size = VIT_SIZES[weights.spec.arch]
+    size = model_size(weights.spec.model_config())
     return {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,

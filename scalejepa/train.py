@@ -124,7 +124,7 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
     if env.is_main:
         log.info(
             "training %s for %d steps (%d per epoch, %d warm-up) from step %d, global batch %d = %d ranks x %d x %d accum",
-            config.model.arch, total_steps, steps_per_epoch, warmup_steps, start_step, t.batch_size,
+            config.model.arch, total_steps, steps_per_epoch, schedules.warmup, start_step, t.batch_size,
             env.world_size, per_rank_batch // t.grad_accum, t.grad_accum,
         )
     knn = build_knn_evaluator(config)

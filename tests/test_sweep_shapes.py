@@ -9,7 +9,7 @@ from scalejepa import flops
 from scalejepa.config import ConfigError, load_config, validate
 from scalejepa.ijepa import build_models, compute_targets
 from scalejepa.masks import MaskGenerator, mask_rng
-from scalejepa.models.vit import VIT_SIZES, count_parameters, custom_arch_name, model_size
+from scalejepa.models.vit import VIT_SIZES, count_parameters, model_size
 
 SHAPES = [
     ["model.width=48", "model.depth=3", "model.heads=2", "model.mlp_ratio=2.5", "model.pred_dim=32", "model.pred_depth=2"],
@@ -47,7 +47,20 @@ def test_custom_shape_params_and_flops_equal_the_built_models(overrides):
 
 def test_named_sizes_are_unchanged():
     assert model_size(load_config("debug_cpu").model) is VIT_SIZES["vit_micro"]
-    assert custom_arch_name(model_size(custom(SHAPES[0]).model)) == "custom_w48_d3_h2_m120"
+
+
+def test_a_custom_shape_loads_for_evaluation_from_its_export(tmp_path):
+    from scalejepa.eval.spec import EncoderSpec, EncoderWeights
+    from scalejepa.eval.weights import build_encoder_from, load_weights
+    from scalejepa.export import write_export
+    from scalejepa.ijepa import build_encoder
+
+    config = custom(SHAPES[0])
+    encoder = build_encoder(config.model)
+    spec = EncoderSpec.from_config(config)
+    write_export(EncoderWeights(encoder.state_dict(), spec, source="test"), tmp_path / "custom.pt")
+    weights = load_weights(tmp_path / "custom.pt")  # the head count comes from the sidecar
+    assert weights.spec == spec and build_encoder_from(weights).num_heads == config.model.heads
 
 
 @pytest.mark.parametrize("overrides, message", [

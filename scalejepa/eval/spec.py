@@ -16,7 +16,7 @@ import torch
 
 from scalejepa.config import Config, ModelConfig
 from scalejepa.ijepa import build_encoder
-from scalejepa.models.vit import VIT_SIZES
+from scalejepa.models.vit import VIT_SIZES, model_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,16 +42,24 @@ class EncoderSpec:
     in_chans: int = 3
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # arch="custom" only (model.width/depth/heads/mlp_ratio): a head count cannot be read
+    # off the weights, so a custom shape comes from the run's config or the export's sidecar.
+    width: int = 0
+    depth: int = 0
+    heads: int = 0
+    mlp_ratio: float = 4.0
 
     @classmethod
     def from_config(cls, config: Config) -> "EncoderSpec":
         """The spec of a training run's encoder."""
         m, d = config.model, config.data
-        return cls(m.arch, m.image_size, m.patch_size, m.in_chans, tuple(d.mean), tuple(d.std))
+        return cls(m.arch, m.image_size, m.patch_size, m.in_chans, tuple(d.mean), tuple(d.std),
+                   m.width, m.depth, m.heads, m.mlp_ratio)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(arch=self.arch, image_size=self.image_size, patch_size=self.patch_size,
-                           in_chans=self.in_chans, attn_impl="sdpa")
+                           in_chans=self.in_chans, attn_impl="sdpa", width=self.width, depth=self.depth,
+                           heads=self.heads, mlp_ratio=self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -82,8 +90,12 @@ def strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> EncoderSpec:
-    """Architecture, patch size and input size from encoder parameter shapes (our names)."""
+def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               model: Mapping[str, Any] | None = None) -> EncoderSpec:
+    """Architecture, patch size and input size from encoder parameter shapes (our names).
+
+    ``model``: the run's ``model`` config section or an export's sidecar, when known; with
+    ``arch: custom`` it supplies the shape (checked against the weights)."""
     for needed in ("patch_embed.proj.weight", "pos_embed"):
         if needed not in shapes:
             raise WeightsError(
@@ -95,12 +107,22 @@ def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=I
     grid = int(round(num_patches**0.5))
     depth = len({int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))})
     hidden = shapes.get("blocks.0.mlp.fc1.weight", (None,))[0]
+    if model and model.get("arch") == "custom":
+        custom = EncoderSpec("custom", grid * patch, patch, in_chans, tuple(mean), tuple(std), int(model["width"]),
+                             int(model["depth"]), int(model["heads"]), float(model.get("mlp_ratio", 4.0)))
+        size = model_size(custom.model_config())
+        if (size.embed_dim, size.depth) != (dim, depth) or hidden not in (None, size.mlp_hidden_dim):
+            raise WeightsError(f"the weights (width {dim}, depth {depth}, MLP {hidden}) are not the custom shape "
+                               f"their config names ({size})")
+        return custom
     for arch, size in VIT_SIZES.items():
         if (size.embed_dim, size.depth) == (dim, depth) and hidden in (None, size.mlp_hidden_dim):
             return EncoderSpec(arch, grid * patch, patch, in_chans, tuple(mean), tuple(std))
     raise WeightsError(
         f"no known architecture has width {dim}, depth {depth} and MLP width {hidden}; known: "
         + ", ".join(f"{a} ({s.embed_dim}x{s.depth})" for a, s in VIT_SIZES.items())
+        + ". A model.arch=custom encoder loads from its run directory, checkpoint or export (with its .json sidecar), "
+        "which name its head count"
     )
 
 

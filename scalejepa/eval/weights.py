@@ -138,8 +138,8 @@ def load_dcp_checkpoint(step_dir: str | Path, entry: str = "target") -> EncoderW
     config = _step_config(step_dir)
     data, train = config.get("data", {}), config.get("train", {})
     state_dict = {k[len(prefix):]: v for k, v in state[top].items()}
-    spec = infer_spec({k: v.shape for k, v in state_dict.items()},
-                      mean=data.get("mean", IMAGENET_MEAN), std=data.get("std", IMAGENET_STD))
+    spec = infer_spec({k: v.shape for k, v in state_dict.items()}, mean=data.get("mean", IMAGENET_MEAN),
+                      std=data.get("std", IMAGENET_STD), model=config.get("model"))
     name = "target encoder" if entry == "target" else "context encoder"
     return EncoderWeights(state_dict, spec, f"{step_dir} ({name})", step=step_of(step_dir),
                           seed=int(train.get("seed", 0)))
@@ -168,8 +168,8 @@ def load_pt(path: str | Path, entry: str = "target", run_config: dict[str, Any] 
     if bad:
         raise WeightsError(f"{path}: entries {bad[:3]} are not tensors; expected an encoder state dict")
     norm = sidecar or config.get("data", {})
-    spec = infer_spec({k: v.shape for k, v in state_dict.items()},
-                      mean=norm.get("mean", IMAGENET_MEAN), std=norm.get("std", IMAGENET_STD))
+    spec = infer_spec({k: v.shape for k, v in state_dict.items()}, mean=norm.get("mean", IMAGENET_MEAN),
+                      std=norm.get("std", IMAGENET_STD), model=sidecar or config.get("model"))
     seed = (sidecar or {}).get("seed", config.get("train", {}).get("seed", 0))
     step = (sidecar or {}).get("step")
     return EncoderWeights(state_dict, spec, str(path), step=step, seed=int(seed))

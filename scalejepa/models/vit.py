@@ -49,21 +49,6 @@ def model_size(config: ModelConfig) -> VitSize:
     return VitSize(config.width, config.depth, config.heads, round(config.width * config.mlp_ratio))
 
 
-def custom_arch_name(size: VitSize) -> str:
-    """A name that identifies a custom shape (for weights read back without a config)."""
-    return f"custom_w{size.embed_dim}_d{size.depth}_h{size.num_heads}_m{size.mlp_hidden_dim}"
-
-
-def register_size(name: str, size: VitSize) -> None:
-    """Make ``name`` a known architecture, looked up before the named sizes (weights are
-    matched to an architecture by shape, first match wins: a custom shape that equals a
-    named one but for its head count must win). For processes that load weights of a
-    custom shape, e.g. the sweep's probes."""
-    others = {k: v for k, v in VIT_SIZES.items() if k != name}
-    VIT_SIZES.clear()
-    VIT_SIZES.update({name: size, **others})
-
-
 class TokenSelection:
     """Which patch tokens of each image go in: packed patch indices + their layout."""
 

@@ -68,7 +68,8 @@ def _config(spec: SweepSpec, overrides: list[str], what: str):
 
 def check_probe_data(spec: SweepSpec) -> None:
     """The labeled shard sets the probes need must resolve (a builtin set is built now)."""
-    from scalejepa.data.shard_index import ShardIndexError, resolve_shards
+    from scalejepa.data.cache import resolve_shards
+    from scalejepa.data.shard_index import ShardIndexError
 
     for key in ("train_shards", "val_shards"):
         value = getattr(spec.probe, key)

@@ -115,7 +115,7 @@ def probe_run(sweep_dir: Path, run: dict[str, Any], spec: dict[str, Any]) -> dic
         protocol, args = protocols[metric]
         path = out / f"probe_{protocol}.json"
         start = time.monotonic()
-        _run_logged([sys.executable, "-m", "scalejepa.sweep.probe", protocol, *common, *args, "--out", str(path)],
+        _run_logged([sys.executable, "-m", "scalejepa.eval.cli", protocol, *common, *args, "--out", str(path)],
                     out / "sweep.log")
         result = json.loads(path.read_text())
         results[metric] = 1.0 - result["top1"] / 100.0
