@@ -104,7 +104,7 @@ def run_guard(config: Config, run: RunDir, env: DistEnv) -> Iterator[PreemptionF
             run.preempted.unlink(missing_ok=True)  # this run starts: the marker is about the last one
         except RunLockedError as exc:
             error = str(exc)
-    if env.distributed:  # one collective at start-up, so no rank goes on alone
+    if env.distributed and torch.distributed.is_initialized():  # one collective at start-up: no rank goes on alone
         shared = [error]
         torch.distributed.broadcast_object_list(shared, src=0)
         error = shared[0]
