@@ -8,6 +8,7 @@ two. Every test reuses the session's reference run; the ones on one run director
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -46,7 +47,7 @@ def assert_bit_identical(run_dir: Path, ref_dir: Path, steps) -> None:
 # ----------------------------------------------------------------------------- preemption
 
 
-def test_sigterm_to_torchrun_one_rank_checkpoints_and_resumes_bit_identically(tmp_path_factory, capfd):
+def test_sigterm_to_torchrun_one_rank_checkpoints_and_resumes_bit_identically(tmp_path_factory, caplog):
     """SIGTERM to torchrun (as SLURM sends it), forwarded to the worker; a second SIGTERM
     arrives during the preemption's save and changes nothing."""
     ref = reference(tmp_path_factory)
@@ -62,8 +63,9 @@ def test_sigterm_to_torchrun_one_rank_checkpoints_and_resumes_bit_identically(tm
     assert read_commit(stopped)["step"] == record["step"] and max(losses(run_dir)) == record["step"]
     assert not (run_dir / "run.lock").exists()  # released on the way out
     # The requeued job: --resume auto, the same losses as the run that was never stopped.
+    caplog.set_level(logging.INFO, logger="scalejepa.train")
     assert train_here(run_dir) == 0
-    assert f"resumed from {stopped}" in capfd.readouterr().err
+    assert f"resumed from {stopped}" in caplog.text
     assert_bit_identical(run_dir, ref, range(1, STEPS + 1))
     assert not (run_dir / "PREEMPTED").exists()
 
