@@ -214,3 +214,9 @@ def test_markers_and_exports_are_fsynced_before_they_count(tmp_path, monkeypatch
     assert events[done + 1] == ("fsync", str(export.parent))
     assert any(kind == "fsync" and path.startswith(str(export.parent / ".target_encoder.pt.tmp"))
                for kind, path in events[:done])
+
+
+def test_preempt_signals_are_checked_before_any_work(tmp_path, capsys):
+    assert train_here(tmp_path / "run", "train.preempt_signals=SIGTERM,SIGKILL") == 2
+    assert "train.preempt_signals: 'SIGKILL' is not a signal a process can handle" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
