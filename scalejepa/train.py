@@ -174,6 +174,7 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
     config_text = config_yaml(config)
     profiler = build_profiler(config, run, env, start_step, stop_step)
     first_loss = last_loss = None
+    preempted = False
     for step in range(start_step, stop_step):
         schedule = StepSchedule(schedules.lr(step), schedules.weight_decay(step), schedules.ema_momentum(step))
         done = step + 1
@@ -223,7 +224,7 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
     export_path = export_target(engine, config, run, stop_step, env) if stop_step == total_steps else None
     summary = {"steps": stop_step, "first_loss": first_loss, "last_loss": last_loss, "run_dir": str(run.root),
                "tensorboard": str(run.tensorboard), "export": str(export_path) if export_path else None,
-               "preempted": preempted if start_step < stop_step else False}
+               "preempted": preempted}
     if env.is_main:
         print_summary(summary)
     return summary
