@@ -187,8 +187,9 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
         metrics.record_step(result)
         if profiler is not None:
             profiler.step()
+        preempted = result.stop and done < stop_step
 
-        if log_step:
+        if log_step or preempted:  # a preempted run logs its last steps before it stops
             record = metrics.scalars(done, schedule)
             record["data/corrupt_samples"] = loader.corrupt_total
             if result.grad_norm is not None:
@@ -203,7 +204,6 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
             metrics.write(done, record, {"epoch": done / steps_per_epoch})
             if env.is_main:
                 log.info(progress_line(done, total_steps, record, (stop_step - done) * record["perf/step_time_s"]))
-        preempted = result.stop and done < stop_step
         if preempted or done == stop_step or (config.checkpoint.interval and done % config.checkpoint.interval == 0):
             path = checkpointer.save(done, engine, train_state, config_text)
             if env.is_main:
