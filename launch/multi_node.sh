@@ -30,7 +30,8 @@ PYTHON=${PYTHON:-python}
 
 cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE"
      --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-scalejepa}"
-     --max-restarts="${MAX_RESTARTS:-3}" -m scalejepa.train --resume auto "$@")
+     --max-restarts="${MAX_RESTARTS:-3}" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+     -m scalejepa.train --resume auto "$@")
 echo "+ [$(hostname)] ${cmd[*]}"
 [[ -n "${DRY_RUN:-}" ]] && exit 0
 exec "${cmd[@]}"

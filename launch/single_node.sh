@@ -20,7 +20,8 @@ fi
 PYTHON=${PYTHON:-python}
 
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC_PER_NODE"
-     --max-restarts="${MAX_RESTARTS:-0}" -m scalejepa.train "$@")
+     --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+     -m scalejepa.train "$@")
 echo "+ ${cmd[*]}"
 [[ -n "${DRY_RUN:-}" ]] && exit 0
 exec "${cmd[@]}"

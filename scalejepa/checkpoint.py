@@ -10,13 +10,22 @@ One owner for the run state (torchtitan's ``components/checkpoint.py`` pattern):
   :mod:`scalejepa.layout`): the engine's files if it has a format of its own (DeepSpeed),
   then one DCP save of the engine's sharded state and the train state, the config, and
   last the commit marker (durably, after every rank finished). A crash mid-save leaves
-  an uncommitted directory that resume ignores and a later save removes. DCP reshards on
+  an uncommitted directory that resume ignores and a later save removes. The marker counts
+  only once the step directory's files and entries are on disk (DCP fsyncs its files; the
+  step directory and its parent are fsynced before the marker is written). DCP reshards on
   load, so FSDP2 runs may resume on another world size (data streams then restart from
   fresh seeds: per-rank positions do not carry over to other ranks).
+
+Faults: a save that runs out of space (ENOSPC, EFBIG from a file-size limit, EDQUOT) is a
+:class:`CheckpointError` naming the step directory and the bytes this rank needed, and
+its partial directory is removed (earlier checkpoints are untouched). A committed
+checkpoint whose DCP files are missing or shorter than its ``.metadata`` says is an error
+naming the file, before anything loads (:meth:`Checkpointer.verify`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -31,9 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.stateful import Stateful
 
-from scalejepa.io import atomic_write_text
+from scalejepa.io import atomic_write_text, fsync_dir, fsync_tree
 from scalejepa.layout import (
     COMMIT_MARKER,
     CONFIG_FILE,
@@ -152,6 +162,41 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+DCP_METADATA_FILE = ".metadata"
+
+
+def _no_space_cause(exc: BaseException) -> OSError | None:
+    """The out-of-space OSError behind ``exc`` (DCP wraps each rank's error in a
+    CheckpointException), or None."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
+            return current
+        if isinstance(current, CheckpointException):
+            pending.extend(failure for failure, _ in current.failures.values())
+        pending.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _local_bytes(state) -> int:
+    """Bytes of the tensors this rank writes (the local shards of sharded tensors)."""
+    if isinstance(state, Stateful):
+        state = state.state_dict()
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
 def read_commit(step_dir: Path) -> dict:
     """The commit marker's record: ``step``, ``world_size``, ``time``."""
     return json.loads((Path(step_dir) / COMMIT_MARKER).read_text())
@@ -191,28 +236,54 @@ class Checkpointer:
                 shutil.rmtree(path)
         _barrier()
         train_state.step = step
-        engine.save_files(path)
         state = {**engine.checkpoint_state(), TRAIN_STATE_KEY: train_state}
-        with _single_process_quiet():
-            if self.async_save and not engine.writes_own_files:
-                future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_process_group())
-                self._pending = (future, path, step, config_text)
-                return path
-            dcp.save(state, checkpoint_id=str(path))
-        self._commit(path, step, config_text)
+        try:
+            engine.save_files(path)
+            with _single_process_quiet():
+                if self.async_save and not engine.writes_own_files:
+                    future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_process_group())
+                    self._pending = (future, path, step, config_text, state)
+                    return path
+                dcp.save(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
+            self._raise_save_error(exc, path, state)
+        self._commit(path, step, config_text, fsync_files=engine.writes_own_files)
         return path
 
     def wait(self) -> None:
         if self._pending is None:
             return
-        future, path, step, config_text = self._pending
+        future, path, step, config_text, state = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result()
+        except (Exception, CheckpointException) as exc:
+            self._raise_save_error(exc, path, state)
         self._commit(path, step, config_text)
 
-    def _commit(self, path: Path, step: int, config_text: str) -> None:
+    def _raise_save_error(self, exc: BaseException, path: Path, state: dict):
+        """Out of space: remove the partial directory and say what was needed; anything
+        else propagates as it is."""
+        cause = _no_space_cause(exc)
+        if cause is None:
+            raise exc
+        shutil.rmtree(path, ignore_errors=True)  # every rank: the partial files are useless
+        free = shutil.disk_usage(self.folder).free
+        needed = _local_bytes(state)
+        raise CheckpointError(
+            f"no space to save checkpoint {path}: {cause.strerror} ({cause.filename or path}). This rank writes "
+            f"~{needed / 2**20:.1f} MiB ({needed} bytes), {free / 2**20:.1f} MiB are free there (a file-size "
+            f"limit, ulimit -f, or a quota can be lower). The partial checkpoint was removed; earlier checkpoints "
+            f"are intact: free space (or lower checkpoint.keep) and continue with --resume auto"
+        ) from cause
+
+    def _commit(self, path: Path, step: int, config_text: str, fsync_files: bool = False) -> None:
+        if fsync_files:  # engines with files of their own (DeepSpeed) do not fsync them; DCP does
+            fsync_tree(path)
         _barrier()  # every rank has written its files
         if _rank() == 0:
+            fsync_dir(path)  # the files' directory entries, then the step directory's own
+            fsync_dir(path.parent)
             atomic_write_text(path / CONFIG_FILE, config_text)
             record = {"step": step, "world_size": _world_size(), "time": time.time()}
             atomic_write_text(path / COMMIT_MARKER, json.dumps(record))
@@ -248,10 +319,38 @@ class Checkpointer:
         """How many ranks wrote the committed checkpoint ``path``."""
         return int(read_commit(Checkpointer.check_committed(path))["world_size"])
 
+    @staticmethod
+    def verify(path: str | Path) -> None:
+        """Every DCP file that ``.metadata`` refers to exists and is long enough, else a
+        CheckpointError naming the file. ``--resume auto`` does not fall back to an older
+        checkpoint on this error: a damaged committed checkpoint means the storage lost data
+        after the commit, which a person should look at, and a silent fallback would discard
+        its steps; the message lists the older checkpoints to resume from explicitly."""
+        path = Path(path)
+        older = [str(p) for p in committed_step_dirs(path.parent) if step_of(p) < step_of(path)]
+        fix = (f"restore the file, or resume from an older checkpoint with --resume {older[-1]}" if older
+               else "restore the file, or start over in a new --run-dir (no older checkpoint exists)")
+        damaged = f"could not load checkpoint {path}, it is damaged:"
+        metadata_file = path / DCP_METADATA_FILE
+        if not metadata_file.is_file():
+            raise CheckpointError(f"{damaged} {metadata_file} is missing; {fix}")
+        needed: dict[str, int] = {}
+        for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sorted(needed.items()):
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"{damaged} shard file {file} is missing; {fix}")
+            actual = file.stat().st_size
+            if actual < size:
+                raise CheckpointError(f"{damaged} shard file {file} is truncated ({actual} bytes, its .metadata "
+                                      f"needs {size}); {fix}")
+
     def load(self, path: str | Path, engine, train_state: TrainState) -> None:
         """Load ``path`` into the engine and ``train_state`` in place. Anything wrong is an
-        error naming the checkpoint, never a fresh start."""
+        error naming the checkpoint (or its damaged file), never a fresh start."""
         path = self.check_committed(path)
+        self.verify(path)
         try:
             engine.load_files(path)
             state = {**engine.checkpoint_state(), TRAIN_STATE_KEY: train_state}

@@ -127,6 +127,9 @@ class TrainConfig:
     # Deterministic kernels (torch.use_deterministic_algorithms): bit-identical reruns and
     # resumes. CPU index backward otherwise sums duplicates in thread order.
     deterministic: bool = False
+    # Signals that preempt the run: every rank finishes its step, a checkpoint is committed,
+    # the process exits with scalejepa.preempt.PREEMPTED_EXIT_CODE. Comma list; "" for none.
+    preempt_signals: str = "SIGTERM,SIGUSR1"
 
 
 @dataclass
@@ -161,6 +164,15 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # A torch.profiler trace of `steps` optimizer steps from step `start` (0-based), one
+    # per rank in RUN/profile/ (TensorBoard's profiler plugin and Perfetto read it).
+    enabled: bool = False
+    start: int = 2  # after the first steps' one-off costs (allocations, autotuning)
+    steps: int = 3
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -170,6 +182,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -355,6 +368,11 @@ def validate(config: Config) -> None:
         raise ConfigError("checkpoint.keep must be >= 1")
     if config.data.num_workers < 0:
         raise ConfigError("data.num_workers must be >= 0")
+    if config.profile.start < 0 or config.profile.steps < 1:
+        raise ConfigError("profile.start must be >= 0 and profile.steps >= 1")
+    from scalejepa.preempt import parse_signals  # names checked here, before any work
+
+    parse_signals(t.preempt_signals)
     e = config.eval
     if e.knn_every and not (e.knn_train_shards and e.knn_val_shards):
         raise ConfigError(

@@ -24,6 +24,18 @@ def fsync_dir(path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and directory under ``path`` (for writers that do not fsync)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """``write(file)`` into a temp file next to ``path``, then fsync + rename + fsync dir.
     On any error the temp file is removed and ``path`` is untouched."""

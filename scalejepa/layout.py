@@ -10,6 +10,9 @@
         .metadata, *.distcp             DCP: models, optimizer and train state
         deepspeed/..., target_encoder.pt, scalejepa_deepspeed.json   DeepSpeed runs instead
     RUN/export/target_encoder.pt        plain target-encoder weights + .json sidecar (scalejepa.export)
+    RUN/profile/rank<r>.*.pt.trace.json torch.profiler traces (profile.enabled)
+    RUN/run.lock                        held by rank 0 while a run is alive (scalejepa.run_lock)
+    RUN/PREEMPTED                       the last run stopped on a signal, with a checkpoint (scalejepa.preempt)
 
 Training, evaluation and export all read these names from here.
 """
@@ -27,6 +30,8 @@ CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 EXPORT_FILE = "target_encoder.pt"
 PROFILE_DIR = "profile"
+LOCK_FILE = "run.lock"
+PREEMPTED_MARKER = "PREEMPTED"
 
 COMMIT_MARKER = "COMMITTED"
 STEP_DIR_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -98,6 +103,14 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.root / PROFILE_DIR
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def preempted(self) -> Path:
+        return self.root / PREEMPTED_MARKER
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / step_dir_name(step)

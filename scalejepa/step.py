@@ -1,13 +1,16 @@
 """One I-JEPA training step, the same for the training loop and the benchmarks.
 
 A step is ``grad_accum`` micro-batches of forward + backward, the global batch's mean
-loss (one all-reduce), the finite-loss check (the step's one deliberate host sync: a
-non-finite loss never reaches the weights), then the optimizer step with the scheduled
-learning rate and weight decay, and the EMA update of the target encoder.
+loss and the ranks' stop requests (one all-reduce of [loss, stop]), the finite-loss check
+(the step's one deliberate host sync: a non-finite loss never reaches the weights, and a
+NaN on one rank is a NaN on all), then the optimizer step with the scheduled learning rate
+and weight decay, and the EMA update of the target encoder. The phases are labelled for
+``torch.profiler`` (``PHASES``; the engines label their forward and backward).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +19,10 @@ from typing import Any
 import torch
 
 from scalejepa.dist_env import all_reduce_mean
-from scalejepa.parallel.engine import Engine
+from scalejepa.parallel.engine import PHASE_BACKWARD, PHASE_CONTEXT_PREDICTOR, PHASE_TARGET_FORWARD, Engine
+
+PHASE_DATA, PHASE_OPTIMIZER, PHASE_EMA = "scalejepa/data", "scalejepa/optimizer", "scalejepa/ema"
+PHASES = (PHASE_DATA, PHASE_TARGET_FORWARD, PHASE_CONTEXT_PREDICTOR, PHASE_BACKWARD, PHASE_OPTIMIZER, PHASE_EMA)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,36 +44,47 @@ class StepResult:
     grad_norm: torch.Tensor | None
     batches: list[Any] = field(default_factory=list)  # this step's micro-batches (for accounting)
     data_wait_s: float = 0.0  # host time spent waiting for micro-batches
+    stop: bool = False  # some rank asked to stop (preemption): every rank sees the same value
 
 
 def train_step(engine: Engine, next_batch: Callable[[], Any], schedule: StepSchedule, *, step: int,
                grad_accum: int = 1, keep_targets: bool = False,
-               before_update: Callable[[], None] | None = None) -> StepResult:
+               before_update: Callable[[], None] | None = None,
+               stop_requested: Callable[[], bool] | None = None) -> StepResult:
     """Run optimizer step ``step`` (0-based) on ``grad_accum`` micro-batches from
     ``next_batch()`` (objects with ``.images`` and ``.masks``).
 
     ``keep_targets``: keep the last micro-batch's targets in ``engine.last_targets``.
     ``before_update``: called once the loss is known to be finite, before the weights
     change (the trainer waits there for an async checkpoint still reading them).
+    ``stop_requested()``: this rank's wish to stop after this step (read once, after the
+    micro-batches); the result's ``stop`` is True on every rank if any rank asked.
     Raises :class:`NonFiniteLossError` before the optimizer step on a NaN/inf loss."""
     loss = torch.zeros((), device=engine.device)
     batches, data_wait = [], 0.0
     for micro in range(grad_accum):
         tick = time.perf_counter()
-        batch = next_batch()
+        with torch.profiler.record_function(PHASE_DATA):
+            batch = next_batch()
         data_wait += time.perf_counter() - tick
         keep = keep_targets and micro == grad_accum - 1
         loss += engine.forward_backward(batch.images, batch.masks, 1.0 / grad_accum, keep_targets=keep) / grad_accum
         batches.append(batch)
-    loss = all_reduce_mean(loss)  # every rank sees the same value, so every rank stops alike
-    if not torch.isfinite(loss):  # the step's one host sync
+    wants_stop = float(stop_requested is not None and stop_requested())
+    # Every rank sees the same values, so every rank stops alike.
+    reduced = all_reduce_mean(torch.stack([loss, torch.tensor(wants_stop, device=loss.device)]))
+    loss_value, stop = reduced.tolist()  # the step's one host sync
+    loss = reduced[0]
+    if not math.isfinite(loss_value):
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {step} (lr {schedule.lr:.3g}): stopped before the optimizer step, the "
+            f"loss is {loss_value} at step {step} (lr {schedule.lr:.3g}): stopped before the optimizer step, the "
             f"weights are untouched. Lower optim.lr, set optim.clip_grad (e.g. 1.0) or check the data; the run "
             f"can continue from its last checkpoint with --resume auto"
         )
     if before_update is not None:
         before_update()
-    grad_norm = engine.step(schedule.lr, schedule.weight_decay)
-    engine.update_target(schedule.ema_momentum)
-    return StepResult(loss, grad_norm, batches, data_wait)
+    with torch.profiler.record_function(PHASE_OPTIMIZER):
+        grad_norm = engine.step(schedule.lr, schedule.weight_decay)
+    with torch.profiler.record_function(PHASE_EMA):
+        engine.update_target(schedule.ema_momentum)
+    return StepResult(loss, grad_norm, batches, data_wait, stop=stop > 0)

@@ -14,14 +14,20 @@ Several GPUs or nodes (see launch/ for multi-node and SLURM):
 ``--resume auto`` (the default) continues from the newest committed checkpoint in the
 run directory, ``never`` refuses a run directory that has checkpoints, a path resumes
 from that checkpoint. Overrides are ``section.key=value``; ``--help`` lists the presets.
+
+Exit status: 0 done (or stopped at train.stop_at_step), 1 error, 2 config error, 75
+preempted (a signal of train.preempt_signals: checkpoint committed, ``RUN/PREEMPTED``
+written; see scalejepa.preempt). Only one run at a time may use a run directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,6 +44,8 @@ from scalejepa.layout import RunDir, step_of
 from scalejepa.masks import MaskGenerator
 from scalejepa.metrics import MetricsProcessor, progress_line
 from scalejepa.parallel import autocast_dtype, build_engine
+from scalejepa.preempt import PREEMPTED_EXIT_CODE, PreemptionFlag, parse_signals, restarted_after_preemption, write_marker
+from scalejepa.run_lock import RunLock, RunLockedError
 from scalejepa.schedules import Schedules
 from scalejepa.step import NonFiniteLossError, StepSchedule, train_step
 
@@ -66,31 +74,68 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2
+    previous = restarted_after_preemption(RunDir(args.run_dir))
+    if previous is not None:  # torchrun restarting workers it lost to a preemption: the job is ending
+        print(f"scalejepa-train: the previous attempt was preempted at step {previous['step']} "
+              f"({previous['signal']}); not restarting inside this allocation", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     env = init_distributed(config.train.device)
     try:
-        train(config, args.run_dir, args.resume, env)
+        summary = train(config, args.run_dir, args.resume, env)
         barrier()
     except ConfigError as exc:  # found once the world size, grid or data are known
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLossError, ShardIndexError, ShardDataError, FileNotFoundError) as exc:
+    except (CheckpointError, NonFiniteLossError, ShardIndexError, ShardDataError, FileNotFoundError,
+            RunLockedError) as exc:
         print(f"scalejepa-train: error: {exc}", file=sys.stderr)
         return 1
     finally:
         shutdown_distributed()
-    return 0
+    return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+
+
+@contextlib.contextmanager
+def run_guard(config: Config, run: RunDir, env: DistEnv) -> Iterator[PreemptionFlag]:
+    """Hold the run directory (rank 0's lock; every rank raises the same error if it is
+    taken) and the preemption signal handlers for the run's lifetime."""
+    lock, error = RunLock(run.lock), ""
+    if env.is_main:
+        try:
+            lock.acquire()
+            run.preempted.unlink(missing_ok=True)  # this run starts: the marker is about the last one
+        except RunLockedError as exc:
+            error = str(exc)
+    if env.distributed and torch.distributed.is_initialized():  # one collective at start-up: no rank goes on alone
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise RunLockedError(error)
+    flag = PreemptionFlag(parse_signals(config.train.preempt_signals))
+    try:
+        yield flag
+    finally:
+        flag.close()
+        lock.release()
 
 
 def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
-    # ---------------------------------------------------------------- setup
     run = RunDir(run_dir)
+    # Checks that need the world size or the patch grid, before anything is written.
+    per_rank_batch = divide_batch(config.train.batch_size, env.world_size, config.train.grad_accum)
+    mask_generator = MaskGenerator(config.model.image_size // config.model.patch_size, config.mask)
+    with run_guard(config, run, env) as preempt:
+        return _train(config, run, resume, env, preempt, per_rank_batch, mask_generator)
+
+
+def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: PreemptionFlag, per_rank_batch: int,
+           mask_generator: MaskGenerator) -> dict:
+    # ---------------------------------------------------------------- setup
     if config.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    t, grid = config.train, config.model.image_size // config.model.patch_size
-    # Checks that need the world size or the patch grid, before anything is written.
-    per_rank_batch = divide_batch(t.batch_size, env.world_size, t.grad_accum)
-    mask_generator = MaskGenerator(grid, config.mask)
+    t = config.train
     checkpointer = Checkpointer(run.checkpoints, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     resume_from = find_resume_checkpoint(checkpointer, resume)
     if env.is_main:
@@ -129,7 +174,9 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
         )
     knn = build_knn_evaluator(config)
     config_text = config_yaml(config)
+    profiler = build_profiler(config, run, env, start_step, stop_step)
     first_loss = last_loss = None
+    preempted = False
     for step in range(start_step, stop_step):
         schedule = StepSchedule(schedules.lr(step), schedules.weight_decay(step), schedules.ema_momentum(step))
         done = step + 1
@@ -137,10 +184,14 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
         log_step = done % t.log_every == 0 or done == stop_step or knn_step
         result = train_step(engine, loader.__next__, schedule, step=step, grad_accum=t.grad_accum,
                             keep_targets=log_step and env.is_main,  # for the collapse monitors
-                            before_update=checkpointer.wait)  # an async save must finish reading the weights
+                            before_update=checkpointer.wait,  # an async save must finish reading the weights
+                            stop_requested=lambda: preempt.requested)
         metrics.record_step(result)
+        if profiler is not None:
+            profiler.step()
+        preempted = result.stop and done < stop_step
 
-        if log_step:
+        if log_step or preempted:  # a preempted run logs its last steps before it stops
             record = metrics.scalars(done, schedule)
             record["data/corrupt_samples"] = loader.corrupt_total
             record["data/shard_errors"] = loader.shard_errors_total
@@ -156,16 +207,27 @@ def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
             metrics.write(done, record, {"epoch": done / steps_per_epoch})
             if env.is_main:
                 log.info(progress_line(done, total_steps, record, (stop_step - done) * record["perf/step_time_s"]))
-        if done == stop_step or (config.checkpoint.interval and done % config.checkpoint.interval == 0):
+        if preempted or done == stop_step or (config.checkpoint.interval and done % config.checkpoint.interval == 0):
             path = checkpointer.save(done, engine, train_state, config_text)
             if env.is_main:
                 log.info("checkpoint %s", path)
+        if preempted:
+            checkpointer.wait()  # committed before the marker says so
+            if env.is_main:
+                write_marker(run, done, path, preempt.received)
+                log.warning("preempted at step %d: checkpoint %s committed, exiting with status %d",
+                            done, path, PREEMPTED_EXIT_CODE)
+            stop_step = done
+            break
 
+    if profiler is not None:
+        profiler.stop()
     checkpointer.wait()
     metrics.close()
     export_path = export_target(engine, config, run, stop_step, env) if stop_step == total_steps else None
     summary = {"steps": stop_step, "first_loss": first_loss, "last_loss": last_loss, "run_dir": str(run.root),
-               "tensorboard": str(run.tensorboard), "export": str(export_path) if export_path else None}
+               "tensorboard": str(run.tensorboard), "export": str(export_path) if export_path else None,
+               "preempted": preempted}
     if env.is_main:
         print_summary(summary)
     return summary
@@ -282,6 +344,32 @@ def export_target(engine, config: Config, run: RunDir, step: int, env: DistEnv) 
     path, _ = write_export(EncoderWeights(weights, EncoderSpec.from_config(config), source=str(run.root), step=step,
                                           seed=config.train.seed), run.export)
     return path
+
+
+def build_profiler(config: Config, run: RunDir, env: DistEnv, start_step: int, stop_step: int):
+    """A started ``torch.profiler`` recording steps [profile.start, profile.start +
+    profile.steps) of this run's range, written per rank by ``tensorboard_trace_handler``
+    (``RUN/profile/rank<r>.<time>.pt.trace.json``); None when off or out of range."""
+    p = config.profile
+    first, end = max(p.start, start_step), min(p.start + p.steps, stop_step)
+    if not p.enabled or first >= end:
+        if p.enabled and env.is_main:
+            log.warning("profile: steps %d-%d are outside this run's steps %d-%d, nothing is traced",
+                        p.start, p.start + p.steps - 1, start_step, stop_step - 1)
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if env.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    skip = first - start_step  # one step of warm-up where there is room, as torch.profiler recommends
+    warmup = min(skip, 1)
+    profiler = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=skip - warmup, warmup=warmup, active=end - first, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(run.profile), worker_name=f"rank{env.rank}"),
+        record_shapes=True,
+    )
+    profiler.start()
+    return profiler
 
 
 def print_summary(summary: dict) -> None:

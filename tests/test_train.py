@@ -141,3 +141,19 @@ def test_console_script_and_module_entry_points(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "trained 3 steps" in proc.stdout and "tensorboard --logdir" in proc.stdout
+
+
+def test_profiler_writes_a_trace_per_rank_with_the_step_phases(tmp_path):
+    from scalejepa.step import PHASE_OPTIMIZER, PHASES
+
+    run_dir = tmp_path / "run"
+    assert run(run_dir, "train.steps=4", "data.num_workers=0", "profile.enabled=true", "profile.start=1",
+               "profile.steps=2") == 0
+    traces = list((run_dir / "profile").glob("rank0.*.pt.trace.json"))  # the name TensorBoard's plugin reads
+    assert len(traces) == 1, list((run_dir / "profile").iterdir())
+    events = json.loads(traces[0].read_text())["traceEvents"]  # Chrome trace format (Perfetto opens it)
+    names = [e.get("name", "") for e in events]
+    for phase in PHASES:
+        assert phase in names, phase
+    assert names.count(PHASE_OPTIMIZER) == 2  # the two profiled steps, no others
+    assert {"ProfilerStep#1", "ProfilerStep#2"} <= set(names)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from scalejepa.checkpoint import CheckpointError
 from scalejepa.config import Config, ConfigError
@@ -53,7 +54,13 @@ from scalejepa.io import atomic_torch_save, atomic_write_text
 from scalejepa.layout import DEEPSPEED_META_FILE, DEEPSPEED_SUBDIR, DEEPSPEED_TARGET_FILE
 from scalejepa.masks import MaskBatch
 from scalejepa.models.vit import VisionTransformer
-from scalejepa.parallel.engine import build_optimizer, set_schedule
+from scalejepa.parallel.engine import (
+    PHASE_BACKWARD,
+    PHASE_CONTEXT_PREDICTOR,
+    PHASE_TARGET_FORWARD,
+    build_optimizer,
+    set_schedule,
+)
 from scalejepa.parallel.precision import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -151,12 +158,14 @@ class ZeroEngine:
 
     def forward_backward(self, images: torch.Tensor, masks: MaskBatch, loss_scale: float = 1.0,
                          keep_targets: bool = False) -> torch.Tensor:
-        with self._autocast():
+        with self._autocast(), record_function(PHASE_TARGET_FORWARD):
             targets = compute_targets(self.target_forward, images, masks)
         self.last_targets = targets if keep_targets else None
-        loss = self.engine(images.to(self.input_dtype), masks, targets)
-        # loss_scale is our 1 / grad_accum: DeepSpeed must not divide once more.
-        self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
+        with record_function(PHASE_CONTEXT_PREDICTOR):
+            loss = self.engine(images.to(self.input_dtype), masks, targets)
+        with record_function(PHASE_BACKWARD):
+            # loss_scale is our 1 / grad_accum: DeepSpeed must not divide once more.
+            self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed counts micro-batches in step(); no update here
         return loss.detach().float()

@@ -23,12 +23,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.profiler import record_function
 
 from scalejepa.ema import EMA
 from scalejepa.ijepa import IJEPA, compute_targets
 from scalejepa.layout import MODEL_KEY, OPTIM_KEY, TARGET_KEY
 from scalejepa.masks import MaskBatch
 from scalejepa.models.vit import VisionTransformer
+
+# torch.profiler labels of a micro-batch's phases (the step labels the others).
+PHASE_TARGET_FORWARD = "scalejepa/target_forward"
+PHASE_CONTEXT_PREDICTOR = "scalejepa/context_predictor"
+PHASE_BACKWARD = "scalejepa/backward"
 
 
 class Engine(Protocol):
@@ -145,10 +151,13 @@ class TorchEngine:
         """``keep_targets`` keeps this batch's targets in ``last_targets`` (else it is
         cleared, freeing the memory)."""
         with self._autocast():
-            targets = compute_targets(self.target, images, masks)
-            loss = self.model(images, masks, targets)
+            with record_function(PHASE_TARGET_FORWARD):
+                targets = compute_targets(self.target, images, masks)
+            with record_function(PHASE_CONTEXT_PREDICTOR):
+                loss = self.model(images, masks, targets)
         self.last_targets = targets if keep_targets else None
-        (loss * loss_scale).backward()
+        with record_function(PHASE_BACKWARD):
+            (loss * loss_scale).backward()
         return loss.detach()
 
     def step(self, lr: float, weight_decay: float) -> torch.Tensor | None:

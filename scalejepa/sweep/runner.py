@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalejepa.layout import committed_step_dirs, step_of
 from scalejepa.sweep.plan import load_plan, write_json
 
 log = logging.getLogger("scalejepa.sweep")
@@ -67,9 +68,7 @@ def slurm_torchrun_prefix() -> list[str]:
 
 
 def _checkpoint_at(folder: Path, step: int) -> Path | None:
-    from scalejepa.checkpoint import committed_checkpoints, step_of
-
-    for path in committed_checkpoints(folder):
+    for path in committed_step_dirs(folder):
         if step_of(path) == step:
             return path
     return None
@@ -89,9 +88,7 @@ def train_run(sweep_dir: Path, run: dict[str, Any], launcher: str, stop_at: int 
     """Train ``run`` (to ``stop_at`` if given); returns the wall time spent."""
     out = run_dir(sweep_dir, run["name"])
     resume = "auto"
-    from scalejepa.checkpoint import committed_checkpoints
-
-    if run["parent"] and not committed_checkpoints(out / "checkpoints"):  # a branch's first start
+    if run["parent"] and not committed_step_dirs(out / "checkpoints"):  # a branch's first start
         parent = run_dir(sweep_dir, run["parent"]) / "checkpoints"
         found = _checkpoint_at(parent, run["from_step"])
         if found is None:
