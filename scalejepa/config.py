@@ -372,7 +372,10 @@ def validate(config: Config) -> None:
         raise ConfigError("profile.start must be >= 0 and profile.steps >= 1")
     from scalejepa.preempt import parse_signals  # names checked here, before any work
 
-    parse_signals(t.preempt_signals)
+    try:
+        parse_signals(t.preempt_signals)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     e = config.eval
     if e.knn_every and not (e.knn_train_shards and e.knn_val_shards):
         raise ConfigError(

@@ -28,7 +28,6 @@ import socket
 import time
 from pathlib import Path
 
-from scalejepa.config import ConfigError
 from scalejepa.io import atomic_write_text
 from scalejepa.layout import RunDir
 
@@ -39,13 +38,14 @@ PREEMPTED_EXIT_CODE = 75
 
 
 def parse_signals(names: str) -> list[signal.Signals]:
-    """``"SIGTERM,SIGUSR1"`` -> signals; a ConfigError names an unknown or unusable one."""
+    """``"SIGTERM,SIGUSR1"`` -> signals; a ValueError names an unknown or unusable one
+    (``scalejepa.config.validate`` reports it as a config error before any work)."""
     found = []
     for name in filter(None, (n.strip().upper() for n in names.split(","))):
         full = name if name.startswith("SIG") else f"SIG{name}"
         sig = getattr(signal.Signals, full, None)
         if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(
+            raise ValueError(
                 f"train.preempt_signals: {name!r} is not a signal a process can handle; "
                 "use names like SIGTERM,SIGUSR1 (or an empty string for none)"
             )
