@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -168,6 +169,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(head_dims, widths, dtype_names) -> None:
+    # Triton 3.9 warns that its default FP fusion (on, as in the GPU image's Triton 3.6) will
+    # change; the check compiles with the default, as a launch does, and records the version.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     _WORKER["variants"] = all_variants(head_dims, widths, [DTYPES[d] for d in dtype_names])[0]
     _WORKER["cuobjdump"] = find_tool("cuobjdump")
 
@@ -283,6 +287,9 @@ def markdown(report: dict) -> str:
              f"{env['what']}. Triton {env['triton']}, ptxas {env['ptxas']}, torch {env['torch']}, {env['date']}, "
              f"on {env['device']}; {report['wall_s']:.0f} s wall with {report['settings']['workers']} workers "
              f"(shared CPU, load {env['loadavg_1_5_15min']}).", "",
+             f"Compile time: {sum(r['compile_s'] for r in report['rows']):.0f} s summed over the variants (each "
+             f"{min(r['compile_s'] for r in report['rows']):.1f}-{max(r['compile_s'] for r in report['rows']):.1f} s "
+             "wall in its worker; a Triton cache hit takes well under a second).", "",
              f"Head dims {report['settings']['head_dims']}, widths {report['settings']['widths']}, dtypes "
              f"{report['settings']['dtypes']}. Shared-memory limit: the opt-in maximum per block. Stack = local "
              "memory per thread (register spills).", "",

@@ -35,6 +35,14 @@ I-JEPA predictor) 25%; 16, 32, 64, 128 waste nothing. Splitting the head dim int
 power-of-two chunks (80 = 64 + 16, 88 = 64 + 32) would remove most of that at the cost of
 doubling every dot call; not done (attention is a small share of I-JEPA's FLOPs).
 
+Alignment: Triton specialises integer arguments only on divisibility by 16, so with a head
+stride such as 88 or 24 (8 x 11, 8 x 3) it cannot prove a row starts 16-byte aligned, loads
+one element at a time, skips the shared-memory pipelining and spills registers (head dim 88 on
+sm_90a: 16-304 bytes of spills per thread in 10 of 11 configs, ``kernels/compile_check.py``).
+The launcher therefore passes ``STRIDE_ALIGN``, the largest power of two <= 16 dividing every
+token and head stride, and the kernels declare the head offsets multiples of it. Token strides
+(3 x heads x head_dim in the model) are multiples of 16 and specialised by Triton itself.
+
 Host syncs: with ``validate=True`` (default) the launcher copies ``cu_seqlens`` to the host once
 (one small ``.tolist()``) to check its values; no other host sync happens. Pass
 ``validate=False`` in a hot path (or for CUDA-graph capture) once the offsets are trusted:
@@ -95,6 +103,13 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @jit
+def _head_offset(head, stride, ALIGN: tl.constexpr):
+    """head * stride, declared a multiple of ALIGN: the launcher's fact about the strides (see
+    _stride_align). A hint on the product, since Triton drops hints on kernel arguments."""
+    return tl.multiple_of(head * stride, ALIGN)
+
+
+@jit
 def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr,
                EVEN_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; rows >= n_rows (if MASK_ROWS) and padding columns read 0."""
@@ -149,11 +164,15 @@ def _attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
     qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     # seqlen_bucket is unused here: it only keys the autotuner (short vs long sequences).
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
+    k_head = _head_offset(head, stride_kh, STRIDE_ALIGN)
+    o_head = _head_offset(head, stride_oh, STRIDE_ALIGN)
+    q_head = _head_offset(head, stride_qh, STRIDE_ALIGN)
+    v_head = _head_offset(head, stride_vh, STRIDE_ALIGN)
     seq = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # int64: token * stride may exceed 2**31
     seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
@@ -164,9 +183,9 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + seq_start * stride_qt + head * stride_qh
-    k_base = K + seq_start * stride_kt + head * stride_kh
-    v_base = V + seq_start * stride_vt + head * stride_vh
+    q_base = Q + seq_start * stride_qt + q_head
+    k_base = K + seq_start * stride_kt + k_head
+    v_base = V + seq_start * stride_vt + v_head
     q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
                    HEAD_DIM, True, EVEN_D)
 
@@ -182,7 +201,7 @@ def _attn_fwd_kernel(
                                    PRECISION)
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + (seq_start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
+    o_ptrs = O + (seq_start + offs_m[:, None]) * stride_ot + o_head + offs_d[None, :]
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM, EVEN_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # base-2 -> natural log
     tl.store(LSE + head * stride_lse_h + seq_start + offs_m, lse, mask=offs_m < seqlen)
@@ -191,15 +210,17 @@ def _attn_fwd_kernel(
 @jit(do_not_specialize=("total_tokens", "stride_delta_h"))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, total_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
                                 stride_delta_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_T: tl.constexpr):
+                                BLOCK_T: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] (float32)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
+    do_head = _head_offset(head, stride_doh, STRIDE_ALIGN)
+    o_head = _head_offset(head, stride_oh, STRIDE_ALIGN)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < total_tokens) & (offs_d[None, :] < HEAD_DIM)
     rows64 = rows.to(tl.int64)
-    o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + rows64[:, None] * stride_ot + o_head + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows64[:, None] * stride_dot + do_head + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + head * stride_delta_h + rows, delta, mask=rows < total_tokens)
 
@@ -238,10 +259,16 @@ def _attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
     softmax_scale, qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     head = tl.program_id(1)
+    dk_head = _head_offset(head, stride_dkh, STRIDE_ALIGN)
+    do_head = _head_offset(head, stride_doh, STRIDE_ALIGN)
+    dv_head = _head_offset(head, stride_dvh, STRIDE_ALIGN)
+    k_head = _head_offset(head, stride_kh, STRIDE_ALIGN)
+    q_head = _head_offset(head, stride_qh, STRIDE_ALIGN)
+    v_head = _head_offset(head, stride_vh, STRIDE_ALIGN)
     seq = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
@@ -252,12 +279,12 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + (seq_start + offs_n[:, None]) * stride_kt + head * stride_kh + offs_d[None, :], offs_n,
+    k = _load_rows(K + (seq_start + offs_n[:, None]) * stride_kt + k_head + offs_d[None, :], offs_n,
                    seqlen, offs_d, HEAD_DIM, True, EVEN_D)
-    v = _load_rows(V + (seq_start + offs_n[:, None]) * stride_vt + head * stride_vh + offs_d[None, :], offs_n,
+    v = _load_rows(V + (seq_start + offs_n[:, None]) * stride_vt + v_head + offs_d[None, :], offs_n,
                    seqlen, offs_d, HEAD_DIM, True, EVEN_D)
-    q_base = Q + seq_start * stride_qt + head * stride_qh
-    do_base = DO + seq_start * stride_dot + head * stride_doh
+    q_base = Q + seq_start * stride_qt + q_head
+    do_base = DO + seq_start * stride_dot + do_head
     lse_base = LSE + head * stride_lse_h + seq_start
     delta_base = DELTA + head * stride_lse_h + seq_start
 
@@ -273,9 +300,9 @@ def _attn_bwd_dkdv_kernel(
                              PRECISION)
 
     dk = dk * softmax_scale
-    _store_rows(DK + (seq_start + offs_n[:, None]) * stride_dkt + head * stride_dkh + offs_d[None, :],
+    _store_rows(DK + (seq_start + offs_n[:, None]) * stride_dkt + dk_head + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
-    _store_rows(DV + (seq_start + offs_n[:, None]) * stride_dvt + head * stride_dvh + offs_d[None, :],
+    _store_rows(DV + (seq_start + offs_n[:, None]) * stride_dvt + dv_head + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
 
 
@@ -307,10 +334,15 @@ def _attn_bwd_dq_kernel(
     stride_dqt, stride_dqh, stride_lse_h,
     softmax_scale, qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
+    do_head = _head_offset(head, stride_doh, STRIDE_ALIGN)
+    dq_head = _head_offset(head, stride_dqh, STRIDE_ALIGN)
+    k_head = _head_offset(head, stride_kh, STRIDE_ALIGN)
+    q_head = _head_offset(head, stride_qh, STRIDE_ALIGN)
+    v_head = _head_offset(head, stride_vh, STRIDE_ALIGN)
     seq = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
@@ -321,15 +353,15 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + (seq_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :], offs_m,
+    q = _load_rows(Q + (seq_start + offs_m[:, None]) * stride_qt + q_head + offs_d[None, :], offs_m,
                    seqlen, offs_d, HEAD_DIM, True, EVEN_D)
-    do = _load_rows(DO + (seq_start + offs_m[:, None]) * stride_dot + head * stride_doh + offs_d[None, :], offs_m,
+    do = _load_rows(DO + (seq_start + offs_m[:, None]) * stride_dot + do_head + offs_d[None, :], offs_m,
                     seqlen, offs_d, HEAD_DIM, True, EVEN_D)
     row_ok = offs_m < seqlen
     lse_log2 = tl.load(LSE + head * stride_lse_h + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * stride_lse_h + seq_start + offs_m, mask=row_ok, other=0.0)
-    k_base = K + seq_start * stride_kt + head * stride_kh
-    v_base = V + seq_start * stride_vt + head * stride_vh
+    k_base = K + seq_start * stride_kt + k_head
+    v_base = V + seq_start * stride_vt + v_head
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end = (seqlen // BLOCK_N) * BLOCK_N
@@ -340,7 +372,7 @@ def _attn_bwd_dq_kernel(
                        seqlen, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D, UPCAST, PRECISION)
 
     dq = dq * softmax_scale
-    _store_rows(DQ + (seq_start + offs_m[:, None]) * stride_dqt + head * stride_dqh + offs_d[None, :],
+    _store_rows(DQ + (seq_start + offs_m[:, None]) * stride_dqt + dq_head + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM, EVEN_D)
 
 
@@ -430,7 +462,18 @@ def _launch(kind: str, grid_blocks, args: list, consts: dict, dtype: torch.dtype
 
 
 # ============================================================================ launchers
-def _kernel_consts(head_dim: int, dtype: torch.dtype, interpreted: bool) -> dict:
+def _stride_align(tensors) -> int:
+    """The largest power of two <= 16 dividing every token and head stride of ``tensors``
+    (elements). Triton only knows a stride divides by 16 or not; head dims such as 88 and 24
+    (strides 8 x 11, 8 x 3) would otherwise be loaded one element at a time, and spill."""
+    align = 16
+    for t in tensors:
+        for stride in t.stride()[:-1]:
+            align = math.gcd(align, stride)
+    return align
+
+
+def _kernel_consts(head_dim: int, dtype: torch.dtype, interpreted: bool, tensors) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     return {
         "HEAD_DIM": head_dim,
@@ -438,6 +481,7 @@ def _kernel_consts(head_dim: int, dtype: torch.dtype, interpreted: bool) -> dict
         "EVEN_D": head_dim == block_d,  # no column masks needed
         "UPCAST": interpreted and dtype == torch.bfloat16,
         "PRECISION": "ieee" if dtype == torch.float32 else None,
+        "STRIDE_ALIGN": _stride_align(tensors),
     }
 
 
@@ -497,7 +541,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, validat
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     interpreted = is_interpreted(_attn_fwd_kernel)
     _launch("fwd", (max_seqlen, heads, num_seqs), _fwd_args(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale),
-            _kernel_consts(q.shape[-1], q.dtype, interpreted), q.dtype, interpreted)
+            _kernel_consts(q.shape[-1], q.dtype, interpreted, (q, k, v, out)), q.dtype, interpreted)
     return out, lse
 
 
@@ -512,12 +556,12 @@ def _backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_
         return dq, dk, dv
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     interpreted = is_interpreted(_attn_bwd_dq_kernel)
-    consts = _kernel_consts(head_dim, q.dtype, interpreted)
+    consts = _kernel_consts(head_dim, q.dtype, interpreted, (q, k, v, out, grad_out, dq, dk, dv))
 
     delta = new_output(lse.shape, torch.float32, lse.device)
     pre = preprocess_config(consts["BLOCK_D"])
     _attn_bwd_preprocess_kernel[(triton.cdiv(total, pre.meta["BLOCK_T"]), heads)](
-        *_preprocess_args(out, grad_out, delta), HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"],
+        *_preprocess_args(out, grad_out, delta), **_preprocess_consts(consts),
         **(pre.meta if interpreted else pre.launch_kwargs()))
     common = (grad_out, q, k, v, lse, delta, cu_seqlens)
     _launch("dkdv", (max_seqlen, heads, num_seqs),
@@ -525,6 +569,10 @@ def _backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_
     _launch("dq", (max_seqlen, heads, num_seqs),
             _bwd_args("dq", *common, (dq,), max_seqlen, softmax_scale), consts, q.dtype, interpreted)
     return dq, dk, dv
+
+
+def _preprocess_consts(consts: dict) -> dict:
+    return {k: consts[k] for k in ("HEAD_DIM", "BLOCK_D", "STRIDE_ALIGN")}
 
 
 def compile_variants(head_dim: int, dtype: torch.dtype, heads: int = 16) -> list[CompileVariant]:
@@ -538,7 +586,8 @@ def compile_variants(head_dim: int, dtype: torch.dtype, heads: int = 16) -> list
     out, grad_out, dq, dk, dv = (torch.empty(total, heads, head_dim, dtype=dtype, device=meta) for _ in range(5))
     lse, delta = (torch.empty(heads, total, dtype=torch.float32, device=meta) for _ in range(2))
     cu = torch.empty(129, dtype=torch.int32, device=meta)
-    consts = _kernel_consts(head_dim, dtype, interpreted=False)
+    fwd_consts = _kernel_consts(head_dim, dtype, False, (q, k, v, out))
+    consts = _kernel_consts(head_dim, dtype, False, (q, k, v, out, grad_out, dq, dk, dv))
     scale = 1.0 / math.sqrt(head_dim)
     shape = f"head_dim {head_dim} {SHORT_DTYPE_NAMES[dtype]}"
     common = (grad_out, q, k, v, lse, delta, cu)
@@ -546,10 +595,9 @@ def compile_variants(head_dim: int, dtype: torch.dtype, heads: int = 16) -> list
             "dkdv": _bwd_args("dkdv", *common, (dk, dv), max_seqlen, scale),
             "dq": _bwd_args("dq", *common, (dq,), max_seqlen, scale)}
     variants = [CompileVariant(_attn_bwd_preprocess_kernel, tuple(_preprocess_args(out, grad_out, delta)),
-                               {"HEAD_DIM": head_dim, "BLOCK_D": consts["BLOCK_D"]},
-                               preprocess_config(consts["BLOCK_D"]), shape)]
+                               _preprocess_consts(consts), preprocess_config(consts["BLOCK_D"]), shape)]
     for kind, kernel in _KERNELS.items():
-        variants += [CompileVariant(kernel, tuple(args[kind]), consts, config, shape)
+        variants += [CompileVariant(kernel, tuple(args[kind]), fwd_consts if kind == "fwd" else consts, config, shape)
                      for config in candidates(kind, consts["BLOCK_D"])]
     return variants
 

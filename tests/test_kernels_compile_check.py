@@ -104,3 +104,13 @@ def test_vith_kernels_compile_for_sm90a(tmp_path):
     assert report["passed"] and "not measured" in report["env"]["what"]
     assert report["env"]["triton"] == triton.__version__
     print(f"compile_check sm_90a ViT-H: {len(rows)} variants in {elapsed:.0f} s (cache {CACHE})")
+
+
+@pytest.mark.parametrize("head_dim,heads,want", [(80, 16, 16), (88, 16, 8), (24, 16, 8), (64, 12, 16), (13, 1, 1)])
+def test_stride_align_is_what_the_strides_allow(head_dim, heads, want):
+    """The alignment the kernels declare to the compiler divides every stride of the model's layout."""
+    q, k, v = torch.empty(5, 3, heads, head_dim, device="meta").unbind(1)
+    out = torch.empty(5, heads, head_dim, device="meta")
+    align = attn._stride_align((q, k, v, out))
+    assert align == want
+    assert all(s % align == 0 for t in (q, k, v, out) for s in t.stride()[:-1])
