@@ -30,9 +30,10 @@
 #
 # ---------------------------------------------------------------------------- plan assumptions
 # Nothing below was measured on a GPU; each budget is an upper bound built from:
-#  C = 2 s per Triton compile on one idle core: kernels/compile_check.py compiled 32 sm_90a
-#      variants (the ViT-H head-dim-80 set) in 63 s of CPU time on this project's CPU machines
-#      (132 s wall with 2 workers under a load of 3-9 on 2 shared cores).
+#  C = 2 s per Triton compile on one idle core: kernels/compile_check.py compiled the 32 sm_90a
+#      variants of ViT-H/14 (tests/test_kernels_compile_check.py) in 53 s of CPU time, imports
+#      included, on this project's CPU machines (317 s wall with 2 workers under a load of ~12 on
+#      2 shared cores); single compiles took 2-14 s wall there, the longest when spilling.
 #  K = 13 compiles per (head dim, dtype) autotuned on first use: 4 candidates x 3 attention kernels
 #      + delta preprocess; 4 more for the gathers of a model. Kernel tests run under pytest-xdist
 #      (on the GPU image), so different head dims compile in parallel; the Triton cache

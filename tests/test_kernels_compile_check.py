@@ -2,9 +2,11 @@
 time for a GPU target on this CPU-only machine (no driver), without spills or shared-memory overflow.
 
 The end-to-end test compiles the ViT-H/14 set (encoder head dim 80, predictor head dim 24,
-token widths 1280 and 384; bf16, the training dtype) for sm_90a: 33 compilations, about 70 s of
-CPU time cold (~2 s each; 2 workers). The compiled kernels are kept in a persistent Triton cache
-under the temp dir (one folder per triton version), so later runs only read them back (seconds).
+token widths 1280 and 384; bf16, the training dtype) for sm_90a: 31-32 compilations, ~53 s of
+CPU time cold with 2 workers (seen: 317 s wall on 2 cores shared at a load of ~12). The compiled
+kernels are kept in a persistent Triton cache under the temp dir (one folder per triton
+version), so later runs only read them back (seen: 13 s CPU, 50 s wall at that load, mostly the
+workers' imports).
 The full matrix (sm_90a and sm_80, head dims 64/80/88/24/32, fp16 and bf16) is the committed
 report in benchmarks/results/compile_check_*.
 """
