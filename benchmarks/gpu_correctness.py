@@ -135,20 +135,24 @@ def compare(args, device: torch.device) -> dict:
     }
 
 
+def pick_device(args) -> torch.device:
+    """The GPU; or, for --smoke, the CPU with the Triton interpreter and the tiny preset."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not args.smoke:
+        sys.exit("benchmarks/gpu_correctness.py needs a CUDA GPU; --smoke checks the script on CPU")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before scalejepa.kernels defines its kernels
+    if args.preset == "vit_h14_in1k_ep300":
+        args.preset = "debug_cpu"
+    if args.batch == 32:
+        args.batch = 2
+    torch.set_num_threads(1)
+    return torch.device("cpu")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif args.smoke:
-        device = torch.device("cpu")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before scalejepa.kernels defines its kernels
-        if args.preset == "vit_h14_in1k_ep300":
-            args.preset = "debug_cpu"
-        if args.batch == 32:
-            args.batch = 2
-        torch.set_num_threads(1)
-    else:
-        sys.exit("benchmarks/gpu_correctness.py needs a CUDA GPU; --smoke checks the script on CPU")
+    device = pick_device(args)
     env = environment(device)
     results = {"benchmark": "gpu_correctness", "env": env, "smoke": args.smoke, **compare(args, device)}
     path = output_path(args.out_dir, "gpu_correctness", env, args.smoke)
