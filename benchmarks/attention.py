@@ -119,8 +119,9 @@ def time_ms(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
     return times
 
 
-def measure(forward, inputs, warmup: int, repeats: int, device) -> dict:
-    """Raw fwd, bwd and fwd+bwd times (ms) of ``forward(*inputs)``; a pass that raises is recorded."""
+def measure(forward, inputs, warmup: int, repeats: int, device, fwd_only: bool = False) -> dict:
+    """Raw fwd, bwd and fwd+bwd times (ms) of ``forward(*inputs)`` (only fwd if ``fwd_only``);
+    a pass that raises is recorded."""
     result = {}
     detached = [t.detach() for t in inputs]  # forward alone: no autograd bookkeeping
 
@@ -132,6 +133,8 @@ def measure(forward, inputs, warmup: int, repeats: int, device) -> dict:
         result["fwd"] = time_ms(fwd, warmup, repeats, device)
     except Exception as e:  # noqa: BLE001 - an unsupported method is a result to record
         return {"error": f"{type(e).__name__}: {e}"[:500]}
+    if fwd_only:
+        return result
     try:
         out = forward(*inputs)
         grad = torch.randn_like(out)
@@ -145,7 +148,7 @@ def measure(forward, inputs, warmup: int, repeats: int, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- methods
-def build_methods(case: dict, dtype, device, smoke: bool) -> dict:
+def build_methods(case: dict, dtype, device, smoke: bool, wanted=METHODS) -> dict:
     """name -> (forward fn, inputs, credited forward FLOPs) or an error string."""
     from scalejepa.kernels import varlen_attention
 
@@ -175,6 +178,8 @@ def build_methods(case: dict, dtype, device, smoke: bool) -> dict:
     methods["sdpa_truncated"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                                  tuple(padded(t, shortest) for t in (q, k, v)),
                                  attention_flops([shortest] * num_seqs, heads, head_dim))
+    if "flex_document" not in wanted:
+        return methods
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
@@ -321,8 +326,17 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=30, help="timed calls; the median is reported")
     p.add_argument("--seed", type=int, default=0, help="mask / data seed")
     p.add_argument("--cases", default="", help="comma list of case names to run (default: all)")
+    p.add_argument("--methods", default="", help=f"comma list of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--fwd-only", default="", help="comma list of cases timed forward only (e.g. long)")
+    p.add_argument("--no-gathers", action="store_true", help="skip the fused-gather timings")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via the Triton interpreter (a check)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m] or list(METHODS)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    args.fwd_only = set(filter(None, args.fwd_only.split(",")))
+    return args
 
 
 def main(argv=None) -> Path:
@@ -342,7 +356,8 @@ def main(argv=None) -> Path:
 
     results = {"env": environment(device), "smoke": args.smoke,
                "settings": {"dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup,
-                            "repeats": args.repeats, "batch": args.batch, "seed": args.seed},
+                            "repeats": args.repeats, "batch": args.batch, "seed": args.seed,
+                            "methods": args.methods, "fwd_only_cases": sorted(args.fwd_only)},
                "flop_convention": "fwd = 4*sum(L_i^2)*head_dim*heads; bwd = 2.5*fwd; fwd+bwd = 3.5*fwd; "
                                   "each method credited with the useful FLOPs of the lengths it attends over",
                "cases": []}
@@ -357,14 +372,16 @@ def main(argv=None) -> Path:
                      results={})
         print(f"{case['name']}: {len(lengths)} seqs, lengths {min(lengths)}-{max(lengths)} "
               f"(mean {entry['mean_len']:.1f}), {case['heads']} heads x {case['head_dim']}", flush=True)
-        methods = build_methods(case, dtype, device, args.smoke)
+        methods = build_methods(case, dtype, device, args.smoke, args.methods)
         entry["sdpa_padded_eligible_backends"] = methods.pop("sdpa_padded_backends")
         for name, method in methods.items():
+            if name not in args.methods:
+                continue
             if isinstance(method, str):
                 entry["results"][name] = {"error": method}
                 continue
             fn, inputs, flops = method
-            raw = measure(fn, inputs, args.warmup, args.repeats, device)
+            raw = measure(fn, inputs, args.warmup, args.repeats, device, fwd_only=case["name"] in args.fwd_only)
             entry["results"][name] = summarise(raw, flops) if "fwd" in raw else raw
             r = entry["results"][name]
             print(f"  {name:15s} fwd {r.get('fwd_ms', math.nan):8.3f} ms  bwd {r.get('bwd_ms', math.nan):8.3f} ms  "
@@ -376,7 +393,7 @@ def main(argv=None) -> Path:
             entry["triton_vs_sdpa_padded_fwdbwd"] = res["triton_varlen"]["fwdbwd_ms"] / res["sdpa_padded"]["fwdbwd_ms"]
         results["cases"].append(entry)
 
-    results["gathers"] = gather_benchmarks(args, dtype, device)
+    results["gathers"] = [] if args.no_gathers else gather_benchmarks(args, dtype, device)
 
     by_name = {c["name"]: c for c in results["cases"]}
     results["targets"] = {}

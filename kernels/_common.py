@@ -7,6 +7,7 @@ works; only launching a Triton kernel raises (``require_triton``).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,11 +23,20 @@ except ImportError:  # reference paths keep working; require_triton() raises on 
 
 HAS_TRITON = triton is not None
 
-# Without triton, ``jit`` leaves kernels as plain functions; they are never launched, because
-# require_triton() raises first.
-jit = triton.jit if HAS_TRITON else (lambda fn: fn)
+def jit(fn=None, *, do_not_specialize: tuple[str, ...] = ()):
+    """``triton.jit``, usable bare or with ``do_not_specialize``: integer arguments whose value
+    changes from step to step (token counts, strides over all tokens). Triton otherwise
+    compiles one binary per "divisible by 16 / equal to 1 / neither" value class of each
+    integer argument, which on a GPU recompiles every autotune candidate when a count moves
+    between classes. Without triton, kernels stay plain functions; they are never launched,
+    because require_triton() raises first."""
+    if not HAS_TRITON:
+        return fn if fn is not None else (lambda f: f)
+    decorator = triton.jit(do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit
+    return decorator(fn) if fn is not None else decorator
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def is_interpreted(kernel) -> bool:
@@ -56,6 +66,53 @@ def require_triton(kernel, device: torch.device, what: str, reference: str) -> N
 def autotune_enabled() -> bool:
     """GPU autotuning is on unless SCALEJEPA_AUTOTUNE=0 (then the first config of each list runs)."""
     return os.environ.get("SCALEJEPA_AUTOTUNE", "1") != "0"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One GPU launch configuration a launcher can pick: tile sizes (constexpr keyword
+    arguments of the kernel), warps per program and software-pipelining depth.
+
+    ``allow_spills``: empty, or the written reason why this configuration may spill registers
+    (``kernels/compile_check.py`` fails on any other spilling configuration)."""
+
+    blocks: tuple[tuple[str, int], ...]
+    num_warps: int
+    num_stages: int
+    allow_spills: str = ""
+
+    @classmethod
+    def of(cls, num_warps: int, num_stages: int, allow_spills: str = "", **blocks: int) -> "LaunchConfig":
+        return cls(tuple(blocks.items()), num_warps, num_stages, allow_spills)
+
+    @property
+    def meta(self) -> dict:
+        """The tile constexprs, e.g. ``{"BLOCK_M": 128, "BLOCK_N": 64}``."""
+        return dict(self.blocks)
+
+    def launch_kwargs(self) -> dict:
+        return {**self.meta, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def triton_config(self):
+        return triton.Config(self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def __str__(self) -> str:
+        return " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in self.blocks) + \
+            f" w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class CompileVariant:
+    """One compilation a launcher can trigger on a GPU, for ``kernels/compile_check.py``:
+    the kernel, its positional launch arguments exactly as the launcher builds them (tensors
+    may live on the ``meta`` device: only dtype, shape and strides matter), the constexpr
+    keyword arguments other than the tile sizes, and the launch configuration."""
+
+    kernel: object
+    args: tuple
+    constexprs: dict = field(hash=False)
+    config: LaunchConfig
+    shape: str  # the model shape that selects it, e.g. "head_dim 80 bf16"
 
 
 # Debug aid for tests: when True, launchers fill outputs the kernels must overwrite with NaN

@@ -40,6 +40,9 @@ from typing import Optional
 import torch
 
 from ._common import (
+    SHORT_DTYPE_NAMES,
+    CompileVariant,
+    LaunchConfig,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
     check_float_dtype,
@@ -100,7 +103,7 @@ def _gather_bwd_kernel(GOUT, IDX, CU, GX, GPOS, stride_gt, stride_xb, stride_xn,
             tl.atomic_add(GPOS + idx[:, None] * stride_pn + cols[None, :], g.to(tl.float32), mask=ok)
 
 
-@jit
+@jit(do_not_specialize=("total_ctx", "total_tgt"))
 def _predictor_fwd_kernel(CTX, CTX_IDX, CU_CTX, TGT_IDX, CU_TGT, MASK, POS, OUT, CU_OUT,
                           num_images, total_ctx, total_tgt, num_seqs, stride_ct, stride_pn, stride_ot, dim,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -140,7 +143,7 @@ def _predictor_fwd_kernel(CTX, CTX_IDX, CU_CTX, TGT_IDX, CU_TGT, MASK, POS, OUT,
         tl.store(OUT + dst[:, None] * stride_ot + cols[None, :], val.to(OUT.dtype.element_ty), mask=ok)
 
 
-@jit
+@jit(do_not_specialize=("total_ctx",))
 def _predictor_bwd_kernel(GOUT, CTX_IDX, CU_CTX, TGT_IDX, CU_TGT, GCTX, GMASK_PARTIAL, GPOS,
                           num_images, num_blocks, total_ctx, stride_gt, stride_ct, stride_mb, stride_pn, dim,
                           POS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -183,16 +186,88 @@ def _predictor_bwd_kernel(GOUT, CTX_IDX, CU_CTX, TGT_IDX, CU_TGT, GCTX, GMASK_PA
 
 
 # ============================================================================ launch configs
+# The one GPU configuration of every gather kernel (memory-bound copies: 32 rows x up to 256
+# columns per step); BLOCK_D follows the width. kernels/compile_check.py compiles this object.
+GPU_CONFIG = LaunchConfig.of(4, 3, BLOCK_T=32)
+GPU_MAX_BLOCK_D = 256
+
+
+def _block_d(dim: int, interpreted: bool) -> int:
+    return max(16, min(128 if interpreted else GPU_MAX_BLOCK_D, triton.next_power_of_2(dim)))
+
+
 def _blocks(dim: int, interpreted: bool) -> dict:
-    """Row/column tiles. Memory-bound copies: 32 rows x up to 256 columns per step on a GPU;
-    under the interpreter fewer, wider steps are faster."""
+    """Row/column tiles and launch options; under the interpreter fewer, wider steps are faster."""
     if interpreted:
-        return {"BLOCK_T": 64, "BLOCK_D": max(16, min(128, triton.next_power_of_2(dim)))}
-    return {"BLOCK_T": 32, "BLOCK_D": max(16, min(256, triton.next_power_of_2(dim))), "num_warps": 4}
+        return {"BLOCK_T": 64, "BLOCK_D": _block_d(dim, True)}
+    return {**GPU_CONFIG.launch_kwargs(), "BLOCK_D": _block_d(dim, False)}
 
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# Positional launch arguments, built in one place for the launchers and for compile_check.
+# An absent optional tensor (None) is replaced by a dummy pointer the kernel never touches.
+def _gather_fwd_args(x, token_idx, cu_seqlens, pos, out) -> list:
+    pos = x if pos is None else pos
+    return [x, token_idx, cu_seqlens, pos, out, x.stride(0), x.stride(1), pos.stride(0), out.stride(0), x.shape[2]]
+
+
+def _gather_bwd_args(grad_out, token_idx, cu_seqlens, grad_x, grad_pos32) -> list:
+    dim = grad_out.shape[1]
+    return [grad_out, token_idx, cu_seqlens, grad_x, grad_x if grad_pos32 is None else grad_pos32,
+            grad_out.stride(0), grad_x.stride(0), grad_x.stride(1), dim, dim]
+
+
+def _predictor_fwd_args(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, out, cu_out) -> list:
+    num_images, num_seqs = cu_ctx.numel() - 1, cu_tgt.numel() - 1
+    return [ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, out, cu_out, num_images, ctx.shape[0],
+            tgt_idx.numel(), num_seqs, ctx.stride(0), pos_embed.stride(0), out.stride(0), ctx.shape[1]]
+
+
+def _predictor_bwd_args(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, grad_ctx, mask_partial, grad_pos32) -> list:
+    num_images, num_seqs = cu_ctx.numel() - 1, cu_tgt.numel() - 1
+    width = grad_out.shape[1]
+    return [grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, grad_ctx, mask_partial,
+            grad_ctx if grad_pos32 is None else grad_pos32, num_images, num_seqs // num_images, ctx_idx.numel(),
+            grad_out.stride(0), grad_ctx.stride(0), mask_partial.stride(0), width, width]
+
+
+def compile_variants(width: int, dtype: torch.dtype, num_images: int = 128, num_patches: int = 256,
+                     num_blocks: int = 4) -> list[CompileVariant]:
+    """Every compilation the GPU launchers of this file can trigger for one token width and
+    dtype (with and without position-embedding gradients), with the arguments of an I-JEPA
+    batch on the meta device; token counts are deliberately not multiples of 16."""
+    meta = torch.device("meta")
+    ctx_tokens, tgt_tokens = 14087, 4 * 128 * 44 + 3
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device=meta)
+
+    x, pos = empty(num_images, num_patches, width), empty(num_patches, width)
+    idx, cu = empty(ctx_tokens, dt=torch.int64), empty(num_images + 1, dt=torch.int32)
+    tokens, grad_pos32 = empty(ctx_tokens, width), empty(num_patches, width, dt=torch.float32)
+    tgt_idx, cu_tgt = empty(tgt_tokens, dt=torch.int64), empty(num_blocks * num_images + 1, dt=torch.int32)
+    pred_out = empty(num_blocks * ctx_tokens + tgt_tokens, width)
+    cu_out = empty(num_blocks * num_images + 1, dt=torch.int32)
+    mask_partial = empty(num_images, width, dt=torch.float32)
+    block_d = {"BLOCK_D": _block_d(width, interpreted=False)}
+    shape = f"width {width} {SHORT_DTYPE_NAMES[dtype]}"
+    launches = [
+        (_gather_fwd_kernel, _gather_fwd_args(x, idx, cu, pos, tokens), {"HAS_POS": True}),
+        (_gather_fwd_kernel, _gather_fwd_args(x, idx, cu, None, tokens), {"HAS_POS": False}),
+        (_gather_bwd_kernel, _gather_bwd_args(tokens, idx, cu, x, grad_pos32), {"POS_GRAD": True}),
+        (_gather_bwd_kernel, _gather_bwd_args(tokens, idx, cu, x, None), {"POS_GRAD": False}),
+        (_predictor_fwd_kernel, _predictor_fwd_args(tokens, idx, cu, tgt_idx, cu_tgt, pos[0], pos, pred_out, cu_out),
+         {}),
+        (_predictor_bwd_kernel, _predictor_bwd_args(pred_out, idx, cu, tgt_idx, cu_tgt, tokens, mask_partial,
+                                                    grad_pos32), {"POS_GRAD": True}),
+        (_predictor_bwd_kernel, _predictor_bwd_args(pred_out, idx, cu, tgt_idx, cu_tgt, tokens, mask_partial, None),
+         {"POS_GRAD": False}),
+    ]
+    return [CompileVariant(kernel, tuple(args), {**consts, **block_d}, GPU_CONFIG, shape)
+            for kernel, args, consts in launches]
 
 
 # ============================================================================ gather_tokens
@@ -251,11 +326,10 @@ def _gather_forward(x, token_idx, cu_seqlens, pos_embed, validate: bool, need_di
     if out.numel() == 0:
         return out
     x = _contig(x)
-    pos = _contig(pos_embed) if pos_embed is not None else x  # dummy pointer when HAS_POS=False
+    pos = _contig(pos_embed) if pos_embed is not None else None
     meta = _blocks(dim, is_interpreted(_gather_fwd_kernel))
     _gather_fwd_kernel[(num_images, triton.cdiv(dim, meta["BLOCK_D"]))](
-        x, token_idx, cu_seqlens, pos, out, x.stride(0), x.stride(1), pos.stride(0), out.stride(0), dim,
-        HAS_POS=pos_embed is not None, **meta)
+        *_gather_fwd_args(x, token_idx, cu_seqlens, pos, out), HAS_POS=pos_embed is not None, **meta)
     return out
 
 
@@ -269,8 +343,8 @@ def _gather_backward(grad_out, token_idx, cu_seqlens, num_patches: int, pos_grad
         grad_out = _contig(grad_out)
         meta = _blocks(dim, is_interpreted(_gather_bwd_kernel))
         _gather_bwd_kernel[(num_images, triton.cdiv(dim, meta["BLOCK_D"]))](
-            grad_out, token_idx, cu_seqlens, grad_x, grad_pos32 if pos_grad else grad_x, grad_out.stride(0),
-            grad_x.stride(0), grad_x.stride(1), dim, dim, POS_GRAD=pos_grad, **meta)
+            *_gather_bwd_args(grad_out, token_idx, cu_seqlens, grad_x, grad_pos32 if pos_grad else None),
+            POS_GRAD=pos_grad, **meta)
     return grad_x, grad_pos32.to(grad_out.dtype)
 
 
@@ -398,9 +472,7 @@ def _predictor_forward(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_em
     ctx, mask_token, pos_embed = _contig(ctx), _contig(mask_token), _contig(pos_embed)
     meta = _blocks(width, is_interpreted(_predictor_fwd_kernel))
     _predictor_fwd_kernel[(num_seqs, triton.cdiv(width, meta["BLOCK_D"]))](
-        ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, out, cu_out,
-        num_images, total_ctx, tgt_idx.numel(), num_seqs, ctx.stride(0), pos_embed.stride(0), out.stride(0), width,
-        **meta)
+        *_predictor_fwd_args(ctx, ctx_idx, cu_ctx, tgt_idx, cu_tgt, mask_token, pos_embed, out, cu_out), **meta)
     return out, cu_out
 
 
@@ -418,9 +490,8 @@ def _predictor_backward(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, num_patches:
         grad_out = _contig(grad_out)
         meta = _blocks(width, is_interpreted(_predictor_bwd_kernel))
         _predictor_bwd_kernel[(num_images, triton.cdiv(width, meta["BLOCK_D"]))](
-            grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, grad_ctx, mask_partial, grad_pos32 if pos_grad else grad_ctx,
-            num_images, num_seqs // num_images, total_ctx, grad_out.stride(0), grad_ctx.stride(0),
-            mask_partial.stride(0), width, width, POS_GRAD=pos_grad, **meta)
+            *_predictor_bwd_args(grad_out, ctx_idx, cu_ctx, tgt_idx, cu_tgt, grad_ctx, mask_partial,
+                                 grad_pos32 if pos_grad else None), POS_GRAD=pos_grad, **meta)
     else:
         grad_ctx.zero_()
     return grad_ctx, mask_partial.sum(0).to(grad_out.dtype), grad_pos32.to(grad_out.dtype)

@@ -35,6 +35,14 @@ I-JEPA predictor) 25%; 16, 32, 64, 128 waste nothing. Splitting the head dim int
 power-of-two chunks (80 = 64 + 16, 88 = 64 + 32) would remove most of that at the cost of
 doubling every dot call; not done (attention is a small share of I-JEPA's FLOPs).
 
+Alignment: Triton specialises integer arguments only on divisibility by 16, so with a head
+stride such as 88 or 24 (8 x 11, 8 x 3) it cannot prove a row starts 16-byte aligned, loads
+one element at a time, skips the shared-memory pipelining and spills registers (head dim 88 on
+sm_90a: 16-304 bytes of spills per thread in 10 of 11 configs, ``kernels/compile_check.py``).
+The launcher therefore passes ``STRIDE_ALIGN``, the largest power of two <= 16 dividing every
+token and head stride, and the kernels declare the head offsets multiples of it. Token strides
+(3 x heads x head_dim in the model) are multiples of 16 and specialised by Triton itself.
+
 Host syncs: with ``validate=True`` (default) the launcher copies ``cu_seqlens`` to the host once
 (one small ``.tolist()``) to check its values; no other host sync happens. Pass
 ``validate=False`` in a hot path (or for CUDA-graph capture) once the offsets are trusted:
@@ -59,6 +67,9 @@ import torch
 
 from ._common import (
     FLOAT_DTYPES,
+    SHORT_DTYPE_NAMES,
+    CompileVariant,
+    LaunchConfig,
     autotune_enabled,
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
@@ -89,6 +100,13 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@jit
+def _head_offset(head, stride, ALIGN: tl.constexpr):
+    """head * stride, declared a multiple of ALIGN: the launcher's fact about the strides (see
+    _stride_align). A hint on the product, since Triton drops hints on kernel arguments."""
+    return tl.multiple_of(head * stride, ALIGN)
 
 
 @jit
@@ -140,17 +158,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, seqlen, s
     return acc, l_i, m_i
 
 
-@jit
+@jit(do_not_specialize=("stride_lse_h",))
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
     qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     # seqlen_bucket is unused here: it only keys the autotuner (short vs long sequences).
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
+    k_head = _head_offset(head, stride_kh, STRIDE_ALIGN)
+    o_head = _head_offset(head, stride_oh, STRIDE_ALIGN)
+    q_head = _head_offset(head, stride_qh, STRIDE_ALIGN)
+    v_head = _head_offset(head, stride_vh, STRIDE_ALIGN)
     seq = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # int64: token * stride may exceed 2**31
     seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
@@ -161,9 +183,9 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + seq_start * stride_qt + head * stride_qh
-    k_base = K + seq_start * stride_kt + head * stride_kh
-    v_base = V + seq_start * stride_vt + head * stride_vh
+    q_base = Q + seq_start * stride_qt + q_head
+    k_base = K + seq_start * stride_kt + k_head
+    v_base = V + seq_start * stride_vt + v_head
     q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
                    HEAD_DIM, True, EVEN_D)
 
@@ -179,24 +201,26 @@ def _attn_fwd_kernel(
                                    PRECISION)
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + (seq_start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
+    o_ptrs = O + (seq_start + offs_m[:, None]) * stride_ot + o_head + offs_d[None, :]
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM, EVEN_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # base-2 -> natural log
     tl.store(LSE + head * stride_lse_h + seq_start + offs_m, lse, mask=offs_m < seqlen)
 
 
-@jit
+@jit(do_not_specialize=("total_tokens", "stride_delta_h"))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, total_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
                                 stride_delta_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_T: tl.constexpr):
+                                BLOCK_T: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
     """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] (float32)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
+    do_head = _head_offset(head, stride_doh, STRIDE_ALIGN)
+    o_head = _head_offset(head, stride_oh, STRIDE_ALIGN)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < total_tokens) & (offs_d[None, :] < HEAD_DIM)
     rows64 = rows.to(tl.int64)
-    o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + rows64[:, None] * stride_ot + o_head + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows64[:, None] * stride_dot + do_head + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + head * stride_delta_h + rows, delta, mask=rows < total_tokens)
 
@@ -228,17 +252,23 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     return dk, dv
 
 
-@jit
+@jit(do_not_specialize=("stride_lse_h",))
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
     softmax_scale, qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     head = tl.program_id(1)
+    dk_head = _head_offset(head, stride_dkh, STRIDE_ALIGN)
+    do_head = _head_offset(head, stride_doh, STRIDE_ALIGN)
+    dv_head = _head_offset(head, stride_dvh, STRIDE_ALIGN)
+    k_head = _head_offset(head, stride_kh, STRIDE_ALIGN)
+    q_head = _head_offset(head, stride_qh, STRIDE_ALIGN)
+    v_head = _head_offset(head, stride_vh, STRIDE_ALIGN)
     seq = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
@@ -249,12 +279,12 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + (seq_start + offs_n[:, None]) * stride_kt + head * stride_kh + offs_d[None, :], offs_n,
+    k = _load_rows(K + (seq_start + offs_n[:, None]) * stride_kt + k_head + offs_d[None, :], offs_n,
                    seqlen, offs_d, HEAD_DIM, True, EVEN_D)
-    v = _load_rows(V + (seq_start + offs_n[:, None]) * stride_vt + head * stride_vh + offs_d[None, :], offs_n,
+    v = _load_rows(V + (seq_start + offs_n[:, None]) * stride_vt + v_head + offs_d[None, :], offs_n,
                    seqlen, offs_d, HEAD_DIM, True, EVEN_D)
-    q_base = Q + seq_start * stride_qt + head * stride_qh
-    do_base = DO + seq_start * stride_dot + head * stride_doh
+    q_base = Q + seq_start * stride_qt + q_head
+    do_base = DO + seq_start * stride_dot + do_head
     lse_base = LSE + head * stride_lse_h + seq_start
     delta_base = DELTA + head * stride_lse_h + seq_start
 
@@ -270,9 +300,9 @@ def _attn_bwd_dkdv_kernel(
                              PRECISION)
 
     dk = dk * softmax_scale
-    _store_rows(DK + (seq_start + offs_n[:, None]) * stride_dkt + head * stride_dkh + offs_d[None, :],
+    _store_rows(DK + (seq_start + offs_n[:, None]) * stride_dkt + dk_head + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
-    _store_rows(DV + (seq_start + offs_n[:, None]) * stride_dvt + head * stride_dvh + offs_d[None, :],
+    _store_rows(DV + (seq_start + offs_n[:, None]) * stride_dvt + dv_head + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
 
 
@@ -297,17 +327,22 @@ def _dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt, 
     return dq
 
 
-@jit
+@jit(do_not_specialize=("stride_lse_h",))
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lse_h,
     softmax_scale, qk_scale, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
+    do_head = _head_offset(head, stride_doh, STRIDE_ALIGN)
+    dq_head = _head_offset(head, stride_dqh, STRIDE_ALIGN)
+    k_head = _head_offset(head, stride_kh, STRIDE_ALIGN)
+    q_head = _head_offset(head, stride_qh, STRIDE_ALIGN)
+    v_head = _head_offset(head, stride_vh, STRIDE_ALIGN)
     seq = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
@@ -318,15 +353,15 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + (seq_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :], offs_m,
+    q = _load_rows(Q + (seq_start + offs_m[:, None]) * stride_qt + q_head + offs_d[None, :], offs_m,
                    seqlen, offs_d, HEAD_DIM, True, EVEN_D)
-    do = _load_rows(DO + (seq_start + offs_m[:, None]) * stride_dot + head * stride_doh + offs_d[None, :], offs_m,
+    do = _load_rows(DO + (seq_start + offs_m[:, None]) * stride_dot + do_head + offs_d[None, :], offs_m,
                     seqlen, offs_d, HEAD_DIM, True, EVEN_D)
     row_ok = offs_m < seqlen
     lse_log2 = tl.load(LSE + head * stride_lse_h + seq_start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * stride_lse_h + seq_start + offs_m, mask=row_ok, other=0.0)
-    k_base = K + seq_start * stride_kt + head * stride_kh
-    v_base = V + seq_start * stride_vt + head * stride_vh
+    k_base = K + seq_start * stride_kt + k_head
+    v_base = V + seq_start * stride_vt + v_head
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end = (seqlen // BLOCK_N) * BLOCK_N
@@ -337,7 +372,7 @@ def _attn_bwd_dq_kernel(
                        seqlen, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D, UPCAST, PRECISION)
 
     dq = dq * softmax_scale
-    _store_rows(DQ + (seq_start + offs_m[:, None]) * stride_dqt + head * stride_dqh + offs_d[None, :],
+    _store_rows(DQ + (seq_start + offs_m[:, None]) * stride_dqt + dq_head + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM, EVEN_D)
 
 
@@ -348,30 +383,67 @@ INTERPRETER_BLOCKS = {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)}  # (BLO
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
-# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) for the H100, to be autotuned. In fwd and
-# dq, BLOCK_M is the program's own query block and BLOCK_N the key block it loops over; in dkdv,
-# BLOCK_N is the program's key block and BLOCK_M the query block it loops over. Configs that do
-# not fit in shared memory (float32, head dim 256) fail to compile and are skipped by the tuner.
-_GPU_CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 1)],
-    "dq": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+
+def _c(block_m: int, block_n: int, warps: int, stages: int) -> LaunchConfig:
+    return LaunchConfig.of(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+# The configurations the GPU launcher can pick, per kernel and BLOCK_D tier (the smallest tier
+# >= BLOCK_D applies): the autotuner times every one of a tier, SCALEJEPA_AUTOTUNE=0 takes the
+# first (16-bit inputs) or the last (float32). kernels/compile_check.py compiles exactly these
+# objects for sm_90a and sm_80 and fails when one spills registers or overflows shared memory.
+# In fwd and dq, BLOCK_M is the program's own query block and BLOCK_N the key block it loops
+# over; in dkdv, BLOCK_N is the program's key block and BLOCK_M the query block it loops over.
+# Chosen from a compile survey (kernels/compile_check.py, sm_90a and sm_80): none of these
+# spills at the model head dims; 128-row own blocks need 8 warps once BLOCK_D = 128 (head dims
+# 80, 88), and the first config of each pre-survey list spilled there or at head dim 64
+# (fwd 128x64 w4: 280 B stack on sm_90a at 80; dkdv 32x128 w4: 32 B at 64); fwd 32x64 w4
+# spilled 8 B on sm_80 at BLOCK_D 128.
+GPU_CANDIDATES: dict[str, dict[int, tuple[LaunchConfig, ...]]] = {
+    "fwd": {
+        32: (_c(128, 64, 8, 4), _c(128, 128, 8, 3), _c(64, 64, 4, 3), _c(64, 32, 4, 2)),
+        64: (_c(128, 64, 8, 4), _c(128, 128, 8, 3), _c(64, 128, 4, 3), _c(64, 32, 4, 2)),
+        128: (_c(128, 64, 8, 3), _c(128, 32, 8, 3), _c(64, 32, 4, 2)),
+        256: (_c(64, 32, 4, 2), _c(32, 32, 4, 2)),
+    },
+    "dkdv": {
+        32: (_c(32, 64, 4, 2), _c(64, 128, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
+        64: (_c(32, 64, 4, 2), _c(64, 128, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
+        128: (_c(64, 64, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
+        256: (_c(16, 32, 4, 1),),
+    },
+    "dq": {
+        32: (_c(64, 64, 4, 3), _c(128, 64, 8, 3), _c(64, 32, 4, 2), _c(32, 16, 4, 1)),
+        64: (_c(128, 64, 8, 3), _c(64, 64, 4, 3), _c(64, 32, 4, 2), _c(32, 16, 4, 1)),
+        128: (_c(128, 32, 8, 3), _c(64, 64, 8, 3), _c(32, 64, 4, 2), _c(32, 32, 4, 2)),
+        256: (_c(32, 16, 4, 1),),
+    },
 }
 
 
-def _default_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Untuned choice (SCALEJEPA_AUTOTUNE=0): the first candidate, or the smallest one where
-    tiles are large (float32, or a head dim over 128) and would overflow shared memory."""
-    m, n, warps, stages = _GPU_CANDIDATES[kind][-1 if dtype == torch.float32 or block_d > 128 else 0]
-    return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
+def candidates(kind: str, block_d: int) -> tuple[LaunchConfig, ...]:
+    """The GPU configurations of kernel ``kind`` for head-dim block ``block_d``."""
+    tiers = GPU_CANDIDATES[kind]
+    return tiers[min(t for t in tiers if t >= block_d)]
+
+
+def preprocess_config(block_d: int) -> LaunchConfig:
+    """The delta = rowsum(dO * O) kernel: ~8K elements per tile (no register spills), no loop."""
+    return LaunchConfig.of(4, 1, BLOCK_T=min(128, 8192 // block_d))
+
+
+def _default_config(kind: str, block_d: int, dtype: torch.dtype) -> LaunchConfig:
+    """Untuned choice (SCALEJEPA_AUTOTUNE=0): the tier's first candidate, or its last (the
+    smallest tiles) for float32, whose tiles take twice the shared memory and registers."""
+    tier = candidates(kind, block_d)
+    return tier[-1 if dtype == torch.float32 else 0]
 
 
 @functools.cache
-def _tuned(kind: str):
-    """Autotuned wrapper of one kernel, built on first GPU use; it caches the best config per
-    (BLOCK_D, sequence-length bucket, dtypes of the tensor arguments)."""
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-               for m, n, w, st in _GPU_CANDIDATES[kind]]
+def _tuned(kind: str, block_d: int):
+    """Autotuned wrapper of one kernel for one BLOCK_D tier, built on first GPU use; it caches
+    the best config per (BLOCK_D, sequence-length bucket, dtypes of the tensor arguments)."""
+    configs = [c.triton_config() for c in candidates(kind, block_d)]
     return triton.autotune(configs, key=["BLOCK_D", "seqlen_bucket"])(_KERNELS[kind])
 
 
@@ -383,23 +455,34 @@ def _launch(kind: str, grid_blocks, args: list, consts: dict, dtype: torch.dtype
         block_m, block_n = INTERPRETER_BLOCKS[kind]
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     elif autotune_enabled():
-        _tuned(kind)[lambda meta: (triton.cdiv(max_seqlen, meta[own]), heads, seqs)](*args, **consts)
+        _tuned(kind, consts["BLOCK_D"])[lambda meta: (triton.cdiv(max_seqlen, meta[own]), heads, seqs)](*args, **consts)
         return
     else:
-        meta = _default_config(kind, consts["BLOCK_D"], dtype)
+        meta = _default_config(kind, consts["BLOCK_D"], dtype).launch_kwargs()
     _KERNELS[kind][(triton.cdiv(max_seqlen, meta[own]), heads, seqs)](*args, **consts, **meta)
 
 
 # ============================================================================ launchers
-def _kernel_consts(q: torch.Tensor, interpreted: bool) -> dict:
-    head_dim = q.shape[-1]
+def _stride_align(tensors) -> int:
+    """The largest power of two <= 16 dividing every token and head stride of ``tensors``
+    (elements). Triton only knows a stride divides by 16 or not; head dims such as 88 and 24
+    (strides 8 x 11, 8 x 3) would otherwise be loaded one element at a time, and spill."""
+    align = 16
+    for t in tensors:
+        for stride in t.stride()[:-1]:
+            align = math.gcd(align, stride)
+    return align
+
+
+def _kernel_consts(head_dim: int, dtype: torch.dtype, interpreted: bool, tensors) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     return {
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "EVEN_D": head_dim == block_d,  # no column masks needed
-        "UPCAST": interpreted and q.dtype == torch.bfloat16,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else None,
+        "UPCAST": interpreted and dtype == torch.bfloat16,
+        "PRECISION": "ieee" if dtype == torch.float32 else None,
+        "STRIDE_ALIGN": _stride_align(tensors),
     }
 
 
@@ -422,6 +505,30 @@ def _check_values(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) ->
         )
 
 
+# Positional launch arguments, built in one place for the launchers and for compile_check.
+def _fwd_args(q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float) -> list:
+    return [q, k, v, out, lse, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            softmax_scale * _LOG2E, _seqlen_bucket(max_seqlen)]
+
+
+def _preprocess_args(out, grad_out, delta) -> list:
+    return [out, grad_out, delta, out.shape[0], out.stride(0), out.stride(1), grad_out.stride(0),
+            grad_out.stride(1), delta.stride(0)]
+
+
+def _bwd_args(kind: str, grad_out, q, k, v, lse, delta, cu_seqlens, grads: tuple, max_seqlen: int,
+              softmax_scale: float) -> list:
+    """Arguments of the dkdv kernel (``grads = (dk, dv)``) or of the dq kernel (``grads = (dq,)``)."""
+    strides = [q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               grad_out.stride(0), grad_out.stride(1)]
+    grad_strides = [s for g in grads for s in (g.stride(0), g.stride(1))]
+    scalars = [softmax_scale, softmax_scale * _LOG2E, _seqlen_bucket(max_seqlen)]
+    assert len(grads) == (2 if kind == "dkdv" else 1), kind
+    return [q, k, v, grad_out, *grads, lse, delta, cu_seqlens, *strides, *grad_strides, lse.stride(0), *scalars]
+
+
 def _forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, validate: bool):
     require_triton(_attn_fwd_kernel, q.device, "varlen_attention", "varlen_attention_reference")
     if validate:
@@ -434,11 +541,8 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, validat
         return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     interpreted = is_interpreted(_attn_fwd_kernel)
-    args = [q, k, v, out, lse, cu_seqlens,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            softmax_scale * _LOG2E, _seqlen_bucket(max_seqlen)]
-    _launch("fwd", (max_seqlen, heads, num_seqs), args, _kernel_consts(q, interpreted), q.dtype, interpreted)
+    _launch("fwd", (max_seqlen, heads, num_seqs), _fwd_args(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale),
+            _kernel_consts(q.shape[-1], q.dtype, interpreted, (q, k, v, out)), q.dtype, interpreted)
     return out, lse
 
 
@@ -453,26 +557,50 @@ def _backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_
         return dq, dk, dv
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     interpreted = is_interpreted(_attn_bwd_dq_kernel)
-    consts = _kernel_consts(q, interpreted)
+    consts = _kernel_consts(head_dim, q.dtype, interpreted, (q, k, v, out, grad_out, dq, dk, dv))
 
     delta = new_output(lse.shape, torch.float32, lse.device)
-    block_t = min(128, 8192 // consts["BLOCK_D"])  # ~8K elements per tile: no register spills
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
-        out, grad_out, delta, total, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        delta.stride(0), HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"], BLOCK_T=block_t)
-
-    strides = [q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               grad_out.stride(0), grad_out.stride(1)]
-    scalars = [softmax_scale, softmax_scale * _LOG2E, _seqlen_bucket(max_seqlen)]
+    pre = preprocess_config(consts["BLOCK_D"])
+    _attn_bwd_preprocess_kernel[(triton.cdiv(total, pre.meta["BLOCK_T"]), heads)](
+        *_preprocess_args(out, grad_out, delta), **_preprocess_consts(consts),
+        **(pre.meta if interpreted else pre.launch_kwargs()))
+    common = (grad_out, q, k, v, lse, delta, cu_seqlens)
     _launch("dkdv", (max_seqlen, heads, num_seqs),
-            [q, k, v, grad_out, dk, dv, lse, delta, cu_seqlens, *strides,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *scalars],
-            consts, q.dtype, interpreted)
+            _bwd_args("dkdv", *common, (dk, dv), max_seqlen, softmax_scale), consts, q.dtype, interpreted)
     _launch("dq", (max_seqlen, heads, num_seqs),
-            [q, k, v, grad_out, dq, lse, delta, cu_seqlens, *strides,
-             dq.stride(0), dq.stride(1), lse.stride(0), *scalars],
-            consts, q.dtype, interpreted)
+            _bwd_args("dq", *common, (dq,), max_seqlen, softmax_scale), consts, q.dtype, interpreted)
     return dq, dk, dv
+
+
+def _preprocess_consts(consts: dict) -> dict:
+    return {k: consts[k] for k in ("HEAD_DIM", "BLOCK_D", "STRIDE_ALIGN")}
+
+
+def compile_variants(head_dim: int, dtype: torch.dtype, heads: int = 16) -> list[CompileVariant]:
+    """Every compilation the GPU launchers can trigger for one head dim and dtype, with the
+    arguments of the model's layout (q, k, v: views of one (T, 3, heads, head_dim) qkv buffer;
+    outputs and gradients contiguous) on the meta device. The token count (which sets the
+    lse stride) is deliberately not a multiple of 16: the less aligned specialisation."""
+    total, max_seqlen = 14087, 154
+    meta = torch.device("meta")
+    q, k, v = torch.empty(total, 3, heads, head_dim, dtype=dtype, device=meta).unbind(1)
+    out, grad_out, dq, dk, dv = (torch.empty(total, heads, head_dim, dtype=dtype, device=meta) for _ in range(5))
+    lse, delta = (torch.empty(heads, total, dtype=torch.float32, device=meta) for _ in range(2))
+    cu = torch.empty(129, dtype=torch.int32, device=meta)
+    fwd_consts = _kernel_consts(head_dim, dtype, False, (q, k, v, out))
+    consts = _kernel_consts(head_dim, dtype, False, (q, k, v, out, grad_out, dq, dk, dv))
+    scale = 1.0 / math.sqrt(head_dim)
+    shape = f"head_dim {head_dim} {SHORT_DTYPE_NAMES[dtype]}"
+    common = (grad_out, q, k, v, lse, delta, cu)
+    args = {"fwd": _fwd_args(q, k, v, out, lse, cu, max_seqlen, scale),
+            "dkdv": _bwd_args("dkdv", *common, (dk, dv), max_seqlen, scale),
+            "dq": _bwd_args("dq", *common, (dq,), max_seqlen, scale)}
+    variants = [CompileVariant(_attn_bwd_preprocess_kernel, tuple(_preprocess_args(out, grad_out, delta)),
+                               _preprocess_consts(consts), preprocess_config(consts["BLOCK_D"]), shape)]
+    for kind, kernel in _KERNELS.items():
+        variants += [CompileVariant(kernel, tuple(args[kind]), fwd_consts if kind == "fwd" else consts, config, shape)
+                     for config in candidates(kind, consts["BLOCK_D"])]
+    return variants
 
 
 # ============================================================================ custom ops
