@@ -43,6 +43,17 @@ def ensure_importable() -> None:
         scalejepa.__path__.append(str(REPO))  # resolves scalejepa.kernels -> REPO/kernels
 
 
+def benchmark_device(script: str, smoke: bool) -> torch.device:
+    """The GPU; without one, for ``--smoke`` only, the CPU with the Triton interpreter (set
+    here, before ``scalejepa.kernels`` defines its kernels)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if not smoke:
+        sys.exit(f"benchmarks/{script} needs a CUDA GPU; --smoke checks the script on CPU")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return torch.device("cpu")
+
+
 def git_commit() -> tuple[str | None, bool | None]:
     """(HEAD commit, whether tracked files differ from it); (None, None) outside git."""
     try:

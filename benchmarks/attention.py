@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, environment, output_path, write_json  # noqa: E402
+from _common import REPO, benchmark_device, environment, output_path, pyplot, save_figure, write_report  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("triton_varlen", "sdpa_padded", "sdpa_truncated", "flex_document")
@@ -283,13 +283,9 @@ def gather_benchmarks(args, dtype, device) -> list[dict]:
 # ----------------------------------------------------------------------------- output
 def plot(results: dict, path: Path) -> str | None:
     """Bar chart of fwd+bwd (or fwd) time per case and method; returns a reason if skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"matplotlib not importable: {e}"
+    plt, reason = pyplot()
+    if plt is None:
+        return reason
     cases = results["cases"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(METHODS)
@@ -307,10 +303,7 @@ def plot(results: dict, path: Path) -> str | None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [c["name"] for c in cases], rotation=15)
         ax.set_title(label)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['env']['device']}, {results['settings']['dtype']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"{results['env']['device']}, {results['settings']['dtype']}", smoke=results["smoke"])
     return None
 
 
@@ -341,13 +334,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif args.smoke:
-        device = torch.device("cpu")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before scalejepa.kernels defines its kernels
-    else:
-        sys.exit("benchmarks/attention.py needs a CUDA GPU; run with --smoke for a quick CPU check of the script")
+    device = benchmark_device("attention.py", args.smoke)
     if args.smoke:  # a check of the script, not a measurement: one call each, no autotuning
         args.warmup, args.repeats = 0, 1
         os.environ.setdefault("SCALEJEPA_AUTOTUNE", "0")
@@ -407,16 +394,10 @@ def main(argv=None) -> Path:
         target = TARGETS["long_fwd_tflops"]
         results["targets"]["long_fwd_tflops"] = dict(value=value, target_min=target, met=value >= target)
 
-    json_path = output_path(args.out_dir, "attention", results["env"], args.smoke)
-    png_path = json_path.with_suffix(".png")
-    results["chart"] = png_path.name
-    skipped = plot(results, png_path)
-    if skipped:
-        results["chart"] = None
-        results["chart_skipped"] = skipped
-        print(f"note: no chart ({skipped})", file=sys.stderr)
-    write_json(json_path, results)
-    print(f"wrote {json_path}" + ("" if skipped else f" and {png_path.name}"))
+    json_path = write_report(output_path(args.out_dir, "attention", results["env"], args.smoke), results, plot=plot)
+    if "chart_skipped" in results:
+        print(f"note: no chart ({results['chart_skipped']})", file=sys.stderr)
+    print(f"wrote {json_path}" + (f" and {results['chart']}" if results["chart"] else ""))
     print(json.dumps(results["targets"], indent=1))
     return json_path
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import RESULTS_DIR, ensure_importable, environment, output_path, progress, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, write_json,
+)
 
 ensure_importable()
 
@@ -137,11 +138,9 @@ def compare(args, device: torch.device) -> dict:
 
 def pick_device(args) -> torch.device:
     """The GPU; or, for --smoke, the CPU with the Triton interpreter and the tiny preset."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not args.smoke:
-        sys.exit("benchmarks/gpu_correctness.py needs a CUDA GPU; --smoke checks the script on CPU")
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before scalejepa.kernels defines its kernels
+    device = benchmark_device("gpu_correctness.py", args.smoke)
+    if device.type == "cuda":
+        return device
     if args.preset == "vit_h14_in1k_ep300":
         args.preset = "debug_cpu"
     if args.batch == 32:

@@ -51,7 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import RESULTS_DIR, ensure_importable, environment, latest_result, output_path, progress, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, ensure_importable, environment, latest_result, output_path, progress, write_report,
+)
 
 ensure_importable()
 
@@ -258,11 +260,7 @@ def main(argv=None) -> Path:
                    model="see the module docstring of benchmarks/scaling.py")
     results["assumptions"]["compute"] = ("compute per image follows the model FLOPs at the per-GPU batch at the "
                                          "measured TFLOP/s (optimistic for small per-GPU batches)")
-    json_path = output_path(args.out_dir, "scaling", env, results["smoke"])
-    md_path = json_path.with_suffix(".md")
-    results["table"] = md_path.name
-    md_path.write_text(markdown(results))
-    write_json(json_path, results)
+    json_path = write_report(output_path(args.out_dir, "scaling", env, results["smoke"]), results, markdown=markdown)
     progress(f"wrote {json_path}")
     print(markdown(results))
     return json_path

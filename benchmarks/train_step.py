@@ -80,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    REPO, RESULTS_DIR, ensure_importable, environment, output_path, progress, pyplot, save_figure, write_json,
+    REPO, RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, pyplot, save_figure, write_json,
     write_report,
 )
 
@@ -633,13 +633,7 @@ def _child_argv(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif args.smoke:
-        device = torch.device("cpu")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    else:
-        sys.exit("benchmarks/train_step.py needs a CUDA GPU; --smoke checks the script on CPU")
+    device = benchmark_device("train_step.py", args.smoke)
     if args.smoke:
         if args.preset == "vit_h14_in1k_ep300":
             args.preset = "debug_cpu"

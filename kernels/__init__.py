@@ -5,7 +5,8 @@ ops and nothing else; without triton the ``*_reference`` functions still work an
 raise a clear RuntimeError when called. CPU tensors need ``TRITON_INTERPRET=1`` set before import.
 """
 
-from .gather import build_predictor_input, build_predictor_input_reference, gather_tokens, gather_tokens_reference
+from .gather_tokens import gather_tokens, gather_tokens_reference
+from .predictor_input import build_predictor_input, build_predictor_input_reference
 from .varlen_attention import varlen_attention, varlen_attention_reference
 
 __all__ = [

@@ -193,3 +193,35 @@ def sequence_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
     """For each of ``total`` packed rows, the index of the sequence it belongs to (int64, no host sync)."""
     rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
     return torch.searchsorted(cu[1:], rows, right=True)
+
+
+# ============================================================================ copy kernels
+# The one GPU configuration of the memory-bound copy kernels (gather_tokens.py,
+# predictor_input.py: 32 rows x up to 256 columns per step); BLOCK_D follows the width.
+# kernels/compile_check.py compiles this object.
+COPY_GPU_CONFIG = LaunchConfig.of(4, 3, BLOCK_T=32)
+COPY_GPU_MAX_BLOCK_D = 256
+
+
+def copy_block_d(dim: int, interpreted: bool) -> int:
+    return max(16, min(128 if interpreted else COPY_GPU_MAX_BLOCK_D, triton.next_power_of_2(dim)))
+
+
+def copy_blocks(dim: int, interpreted: bool) -> dict:
+    """Row/column tiles and launch options; under the interpreter fewer, wider steps are faster."""
+    if interpreted:
+        return {"BLOCK_T": 64, "BLOCK_D": copy_block_d(dim, True)}
+    return {**COPY_GPU_CONFIG.launch_kwargs(), "BLOCK_D": copy_block_d(dim, False)}
+
+
+def contiguous_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def copy_compile_variants(launches, width: int, dtype: torch.dtype) -> list["CompileVariant"]:
+    """``(kernel, args, constexprs)`` launches of a copy kernel at one token width, as the
+    GPU launcher would compile them."""
+    block_d = {"BLOCK_D": copy_block_d(width, interpreted=False)}
+    shape = f"width {width} {SHORT_DTYPE_NAMES[dtype]}"
+    return [CompileVariant(kernel, tuple(args), {**consts, **block_d}, COPY_GPU_CONFIG, shape)
+            for kernel, args, consts in launches]

@@ -5,8 +5,8 @@
 
 For every compilation the GPU launchers can trigger (each kernel x every autotune candidate of
 its BLOCK_D tier x head dim or width x dtype; the ``compile_variants`` functions of
-``varlen_attention.py`` and ``gather.py`` iterate the very ``LaunchConfig`` objects the
-launchers pick from) it runs Triton's compiler to PTX and cubin for the target with the
+``varlen_attention.py``, ``gather_tokens.py`` and ``predictor_input.py`` iterate the very
+``LaunchConfig`` objects the launchers pick from) it runs Triton's compiler to PTX and cubin for the target with the
 ``ptxas`` bundled in the triton wheel (no driver needed) and reads the cubin's resource usage
 (``cuobjdump -res-usage``): registers per thread, stack frame (local memory per thread:
 register spills, since Triton kernels have no calls or local arrays), shared memory.
@@ -48,7 +48,8 @@ from . import _common
 
 # The modules, not the same-named functions that the package namespace exports.
 varlen_attention = importlib.import_module(".varlen_attention", __package__)
-gather = importlib.import_module(".gather", __package__)
+gather_tokens = importlib.import_module(".gather_tokens", __package__)
+predictor_input = importlib.import_module(".predictor_input", __package__)
 
 DEFAULT_TARGETS = ("sm_90a", "sm_80")
 DEFAULT_HEAD_DIMS = (64, 80, 88, 24, 32)  # ViT-B/L, ViT-H, ViT-G encoders; predictors 384/16, 384/12
@@ -76,7 +77,8 @@ def all_variants(head_dims, widths, dtypes) -> tuple[list[_common.CompileVariant
     out, used_by = [], []
     for dtype in dtypes:
         found = [v for hd in head_dims for v in varlen_attention.compile_variants(hd, dtype)]
-        found += [v for w in widths for v in gather.compile_variants(w, dtype)]
+        found += [v for w in widths for module in (gather_tokens, predictor_input)
+                  for v in module.compile_variants(w, dtype)]
         for v in found:
             key = variant_key(v)
             if key not in index:

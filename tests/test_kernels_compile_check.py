@@ -27,7 +27,8 @@ triton = pytest.importorskip("triton")
 
 check = importlib.import_module("scalejepa.kernels.compile_check")
 attn = importlib.import_module("scalejepa.kernels.varlen_attention")
-gather = importlib.import_module("scalejepa.kernels.gather")
+gather_tokens = importlib.import_module("scalejepa.kernels.gather_tokens")
+predictor_input = importlib.import_module("scalejepa.kernels.predictor_input")
 common = importlib.import_module("scalejepa.kernels._common")
 
 CACHE = Path(tempfile.gettempdir()) / f"scalejepa-compile-check-triton-{triton.__version__}"
@@ -49,7 +50,8 @@ def test_check_iterates_the_launchers_own_config_objects():
             assert len(compiled) == len(attn.candidates(kind, block_d))
             assert all(a is b for a, b in zip(compiled, attn.candidates(kind, block_d)))
             assert attn._default_config(kind, block_d, torch.bfloat16) is compiled[0]
-    assert all(v.config is gather.GPU_CONFIG for v in gather.compile_variants(1280, torch.bfloat16))
+    for module in (gather_tokens, predictor_input):
+        assert all(v.config is common.COPY_GPU_CONFIG for v in module.compile_variants(1280, torch.bfloat16))
     # every tier's first and last config is what SCALEJEPA_AUTOTUNE=0 launches (16-bit / float32)
     for kind, tiers in attn.GPU_CANDIDATES.items():
         for tier, configs in tiers.items():
