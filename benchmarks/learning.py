@@ -188,11 +188,16 @@ def learning_curve(args, seed: int, run_dir: Path, sets: dict, flops_per_step: f
         if encoder is None:
             encoder = build_encoder_from(load_step_dir(path))
         point = {"step": step, "train_flops": step * flops_per_step, "sets": {}}
-        all_blocks = i in (0, len(points) - 1)  # per-block probes at the ends only: they cost the most
+        final = i == len(points) - 1
+        all_blocks = i == 0 or final  # per-block probes at the ends only: they cost the most
         for name, data in sets.items():
             point["sets"][name] = probe_encoder(encoder, first.spec, data, args.probe_epochs, all_blocks)
             if step == 0:
                 point["sets"][name]["pixels_linear_top1"] = pixel_baseline(data, first.spec.mean, first.spec.std)
+            if final:  # the online (context) encoder, which the EMA target lags behind
+                online = build_encoder_from(load_step_dir(path, "encoder"))
+                point["sets"][name]["context_encoder"] = probe_encoder(online, first.spec, data, args.probe_epochs,
+                                                                       False)
         summary = ", ".join(f"{n}: kNN {r['knn_top1']:.1f} linear {r['linear_top1']:.1f} "
                             f"pos-share {r['blocks'][-1]['position_share']:.2f}" for n, r in point["sets"].items())
         _common.progress(f"seed {seed} step {step}: {summary}")
