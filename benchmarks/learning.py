@@ -249,7 +249,7 @@ def plot(results: dict, path: Path) -> str | None:
             ax.set_ylabel(f"{name} val top-1 (%)")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
-    fig.suptitle(f"{results['config']} {' '.join(results['overrides'])}: target encoder, last block, "
+    fig.suptitle(f"{' '.join([results['config'], *results['overrides']])}: target encoder, last block, "
                  f"seeds {', '.join(results['seeds'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
