@@ -3,16 +3,15 @@
 random init (the run's seed: the exact weights training started from), with the CLI's
 own protocols on the held-out 1,000 validation digits.
 
-Measured on 2 idle CPU cores, train.seed 0 / 1 / 2 (~50 s of training, ~75 s in all):
-kNN top-1 46.8 / 41.8 / 44.3 against 32.7 / 31.6 / 30.1 at random init (+14.1 / +10.2 /
-+14.2), linear probe 80.9 / 81.3 / 81.7 against 80.4 / 79.7 / 80.9 (+0.5 / +1.6 / +0.8).
-The issue's +5 points on the linear probe is not reached: a random ViT's pooled features
-are already linearly rich on MNIST (80%, 87% for a converged logistic regression), and in
-a few CPU minutes I-JEPA first learns to predict the positional part of the targets (its
-predictions hardly depend on the context's content yet), which reshapes the feature
-geometry that kNN measures before it adds linearly decodable information; longer runs
-(3x) lowered the probe. So the test asserts the kNN gain (>= 5 points) and that the
-linear probe does not regress, and prints every number.
+Measured on 2 CPU cores, train.seed 0 / 1 / 2 (~50 s of training on idle cores): kNN
+top-1 46.8 / 41.8 / 44.3 against 32.7 / 31.6 / 30.1 at random init (+14.1 / +10.2 /
++14.2), linear probe 80.9 / 81.3 / 81.7 against 80.4 / 79.7 / 80.9 (+0.5 / +1.6 / +0.8);
+benchmarks/learning.py records the learning curve and its diagnostics. The linear gain
+is small because a random ViT's average-pooled features are already a good linear
+feature map on MNIST (~80%, raw pixels ~90%); settings that made pretraining destroy
+linear information (patch 8 at 64 px: linear 69.8 against 78.6 at random init; two large
+target blocks: 73.0 against 80.4; benchmarks/results/learning_*) fail this test. So it asserts a kNN gain of at least 8 points and a linear probe that is
+not below random init, the margins every measured seed of the preset holds.
 """
 
 import json
@@ -46,5 +45,5 @@ def test_pretraining_beats_random_init(tmp_path, capsys):
         f"training {train_s:.0f} s, total {time.monotonic() - start:.0f} s"
     )
     print(report)
-    assert knn["gain_top1"] >= 5.0, report
-    assert linear["gain_top1"] >= -2.0, report
+    assert knn["gain_top1"] >= 8.0, report
+    assert linear["gain_top1"] >= 0.0, report
