@@ -42,17 +42,18 @@ import _common
 
 _common.ensure_importable()
 
-from scalejepa.checkpoint import committed_checkpoints, step_of  # noqa: E402
 from scalejepa.config import load_config  # noqa: E402
 from scalejepa.data.builtin import split_indices  # noqa: E402
-from scalejepa.data.shard_index import resolve_shards  # noqa: E402
+from scalejepa.data.cache import resolve_shards  # noqa: E402
+from scalejepa.data.pipeline import normalize  # noqa: E402
 from scalejepa.data.transforms import decode_center_crop  # noqa: E402
-from scalejepa.eval.features import load_images, normalize  # noqa: E402
+from scalejepa.eval.features import load_images  # noqa: E402
 from scalejepa.eval.knn import HEADLINE_K, knn_classify  # noqa: E402
 from scalejepa.eval.linear import linear_probe  # noqa: E402
 from scalejepa.eval.monitors import collapse_metrics, rankme  # noqa: E402
 from scalejepa.eval.weights import build_encoder_from, load_step_dir, random_encoder  # noqa: E402
 from scalejepa.flops import expected_flops_per_image  # noqa: E402
+from scalejepa.layout import RunDir, committed_step_dirs, step_of  # noqa: E402
 from scalejepa.models.layers import Seqs  # noqa: E402
 
 ANIMAL_PER_CLASS = 500  # of 1,000 per class: the size of mnist5k, so probes cost the same
@@ -152,7 +153,7 @@ def probe_encoder(encoder, spec, data: dict, probe_epochs: int | None, all_block
 
 def train_run(args, seed: int, run_dir: Path) -> float:
     """Pretrain one seed in its own process; returns the wall-clock seconds (0 if reused)."""
-    if (run_dir / "export" / "target_encoder.pt").is_file():
+    if RunDir(run_dir).export.is_file():
         _common.progress(f"seed {seed}: reusing the finished run {run_dir}")
         return 0.0
     cmd = [sys.executable, "-m", "scalejepa.train", "--config", args.config, "--run-dir", str(run_dir),
@@ -177,7 +178,7 @@ def pixel_baseline(data: dict, mean, std) -> float:
 
 
 def learning_curve(args, seed: int, run_dir: Path, sets: dict, flops_per_step: float) -> list[dict]:
-    checkpoints = committed_checkpoints(run_dir / "checkpoints")
+    checkpoints = committed_step_dirs(RunDir(run_dir).checkpoints)
     if not checkpoints:
         raise SystemExit(f"{run_dir} has no committed checkpoint")
     first = load_step_dir(checkpoints[0])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from scalejepa.eval.features import normalize
+from scalejepa.data.pipeline import normalize
 from scalejepa.eval.weights import EncoderSpec, random_encoder
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
