@@ -25,8 +25,8 @@ Time = bytes / bandwidth + collectives x ``--latency-us``; the step = compute +
 max(0, communication - ``--overlap`` x compute) (the share of compute that communication can
 hide behind; prefetching FSDP overlaps most of it). The global batch stays ``--global-batch``
 (2048, the paper's) so the per-GPU batch shrinks with N; compute per image then follows the
-FLOPs at that batch size (truncation keeps more tokens in smaller batches, ijepa-facts.md
-3.4) at the *measured* TFLOP/s, which is optimistic for small per-GPU batches. Use
+FLOPs at that batch size (truncation keeps more tokens in smaller batches) at the *measured*
+TFLOP/s, which is optimistic for small per-GPU batches. Use
 ``--per-gpu-batch`` to keep the measured batch instead (weak scaling).
 
 Commands::

@@ -3,7 +3,7 @@
 Sequences of different lengths are packed along the token axis: ``q, k, v`` are
 ``(total_tokens, heads, head_dim)`` and sequence ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
 Attention is full (bidirectional) inside each sequence and absent across sequences, so no padding
-tokens are ever computed (I-JEPA's context lengths vary per image; see ijepa-facts section 6).
+tokens are ever computed (I-JEPA's context lengths vary per image).
 
 Algorithm (FlashAttention-2):
 - forward: one program per (query block, head, sequence); it streams the sequence's key/value

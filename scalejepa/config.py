@@ -51,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    # reference: the reference collator, quirks 1-4 of ijepa-facts.md included;
+    # reference: the reference code's collator, its quirks included (scalejepa.masks);
     # corrected: independent scale/aspect draws, inclusive offsets, sampled context position.
     mode: Literal["reference", "corrected"] = "reference"
     # truncate: every context cut to the batch minimum (the reference);

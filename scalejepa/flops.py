@@ -1,7 +1,7 @@
 """FLOP accounting for one I-JEPA training step, GPU peak throughput, MFU and GPU-hours.
 
-Convention (ijepa-facts.md section 6): matmul FLOPs only, 2 FLOPs per multiply-add; a
-trained part costs forward + backward = 3 x forward, a frozen part forward only. One
+Convention: matmul FLOPs only, 2 FLOPs per multiply-add; a trained part costs forward +
+backward = 3 x forward, a frozen part forward only. One
 transformer layer of width D and MLP width H on a sequence of n tokens costs
 ``2 * n * (4 D^2 + 2 D H) + 4 * n^2 * D`` forward (qkv, proj, fc1, fc2; Q K^T and P V),
 i.e. ``24 D^2 n + 4 n^2 D`` at MLP ratio 4. Per step:
@@ -38,7 +38,7 @@ import torch
 
 from scalejepa.config import Config, ModelConfig
 
-# The paper's budget (ijepa-facts.md sections 4-5): ViT-H/14, 300 epochs of ImageNet-1k on
+# The paper's budget (Assran et al., CVPR 2023): ViT-H/14, 300 epochs of ImageNet-1k on
 # 16 A100s in under 72 hours.
 PAPER_IMAGES_PER_EPOCH = 1_281_167
 PAPER_EPOCHS = 300
@@ -218,7 +218,8 @@ class MaskStats:
 
 def mask_stats(config: Config, batch_size: int, batches: int = 8, seed: int = 0) -> MaskStats:
     """Expected token counts at a per-GPU batch size, by drawing ``batches`` mask batches
-    (truncation to the batch minimum depends on the batch size, ijepa-facts.md 3.4)."""
+    (truncation to the batch minimum depends on the batch size: the smallest context of more
+    images is smaller)."""
     from scalejepa.masks import MaskGenerator, mask_rng
 
     grid = config.model.image_size // config.model.patch_size

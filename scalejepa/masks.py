@@ -1,6 +1,6 @@
 """Multi-block masking: one context block and several target blocks per image.
 
-``mode="reference"`` reproduces the reference collator (ijepa-facts.md section 3), quirks
+``mode="reference"`` reproduces the collator of the reference code (facebookresearch/ijepa), quirks
 included: one uniform number drives both scale and aspect ratio (1), block offsets never
 reach the last row and column (2), so on a 16x16 grid the context block is always the
 top-left 15x15 square (3); with ``context="truncate"`` every context is cut to the batch
