@@ -165,6 +165,16 @@ def pyplot():
     return plt, None
 
 
+def provenance_line(results: dict) -> str:
+    """Where and when a results file was measured, for the top of its Markdown table."""
+    env = results["env"]
+    dirty = " (dirty)" if env.get("git_dirty") else ""
+    return (f"{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+            f"{env['timestamp_utc']}, commit {str(env['git_commit'])[:12]}{dirty}; "
+            f"load average {env.get('loadavg_1_5_15min')} on {env['cpu_count']} cores at the start"
+            + (" — SMOKE RUN, not a measurement" if results["smoke"] else ""))
+
+
 def save_figure(fig, path: Path, title: str, *, smoke: bool, dpi: int = 120) -> None:
     """Title (marked when a smoke run made it), layout, PNG, and the figure closed."""
     import matplotlib.pyplot as plt

@@ -57,8 +57,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    RESULTS_DIR, ensure_importable, environment, latest_result, output_path, progress, pyplot, save_figure,
-    write_report,
+    RESULTS_DIR, ensure_importable, environment, latest_result, output_path, progress, provenance_line, pyplot,
+    save_figure, write_report,
 )
 
 ensure_importable()
@@ -261,12 +261,10 @@ def cores_needed(results: dict, args) -> dict:
 
 
 def markdown(results: dict) -> str:
-    env, s, st = results["env"], results["settings"], results["image_stats"]
+    s, st = results["settings"], results["image_stats"]
     lines = [f"# Loader benchmark: {s['image_size']}px crops, batch {s['batch']}",
              "",
-             f"{env['device']}, torch {env['torch']}, {env['timestamp_utc']}, commit {str(env['git_commit'])[:12]}; "
-             f"load average {env.get('loadavg_1_5_15min')} on {env['cpu_count']} cores at the start"
-             + (" — SMOKE RUN, not a measurement" if results["smoke"] else ""),
+             provenance_line(results),
              "",
              f"Data: {results['data']}: {st['images']} images, mean {st['mean_width']:.0f}x{st['mean_height']:.0f} px "
              f"({st['mean_megapixels']:.2f} MP, {st['mean_kib']:.0f} KiB), modes {st['modes']}.",

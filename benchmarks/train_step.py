@@ -80,8 +80,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    REPO, RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, pyplot, save_figure, write_json,
-    write_report,
+    REPO, RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, provenance_line,
+    pyplot, save_figure, write_json, write_report,
 )
 
 ensure_importable()
@@ -499,12 +499,10 @@ def compare(results: dict) -> None:
 
 
 def markdown(results: dict) -> str:
-    env, s = results["env"], results["settings"]
+    s = results["settings"]
     lines = [f"# Train-step benchmark: {s['preset']} ({s['arch']}), batch {s['batch']} per GPU",
              "",
-             f"{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-             f"{env['timestamp_utc']}, commit {str(env['git_commit'])[:12]}{' (dirty)' if env['git_dirty'] else ''}"
-             + (" — SMOKE RUN, not a measurement" if results["smoke"] else ""),
+             provenance_line(results),
              "",
              f"{s['warmup']} warm-up + {s['steps']} timed steps, {results['data']}; img/s from the median step; "
              "FLOPs: model FLOPs (scalejepa.flops), MFU vs dense bf16 peak "
