@@ -257,27 +257,24 @@ class LoaderState:
 
 
 class TrainLoader:
-    """Iterates device-ready batches from shards; tracks the data position for checkpoints."""
+    """Iterates device-ready batches from shards; tracks the data position for checkpoints.
+
+    ``stream_options``: the keywords of :class:`ShardStreams` (``batch_size``,
+    ``image_size``, ``crop_scale``, ``mask_generator``, ``seed``, ``start_step``,
+    ``shuffle_buffer``, ``jpeg_draft``); the streams and their positions come from here."""
 
     def __init__(
         self,
         urls: list[str],
         *,
-        batch_size: int,
-        image_size: int,
-        crop_scale: tuple[float, float],
         mean,
         std,
-        mask_generator: MaskGenerator,
-        seed: int,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 4,
-        start_step: int = 0,
         state: LoaderState | None = None,
-        shuffle_buffer: int = 1000,
-        jpeg_draft: bool = True,
         device: torch.device = torch.device("cpu"),
+        **stream_options,
     ):
         num_streams = max(1, num_workers)
         if state is not None and state.num_streams != num_streams:
@@ -289,20 +286,8 @@ class TrainLoader:
             state = None
         self.state = state or LoaderState(num_streams)
         self.mean, self.std, self.device = mean, std, device
-        dataset = ShardStreams(
-            split_by_rank(urls, rank, world_size),
-            batch_size=batch_size,
-            image_size=image_size,
-            crop_scale=crop_scale,
-            mask_generator=mask_generator,
-            seed=seed,
-            rank=rank,
-            num_streams=num_streams,
-            start_step=start_step,
-            positions=self.state.positions,
-            shuffle_buffer=shuffle_buffer,
-            jpeg_draft=jpeg_draft,
-        )
+        dataset = ShardStreams(split_by_rank(urls, rank, world_size), rank=rank, num_streams=num_streams,
+                               positions=self.state.positions, **stream_options)
         self.loader = DataLoader(
             dataset,
             batch_size=None,
