@@ -50,7 +50,7 @@ from scalejepa.data.transforms import decode_center_crop  # noqa: E402
 from scalejepa.eval.features import load_images  # noqa: E402
 from scalejepa.eval.knn import HEADLINE_K, knn_classify  # noqa: E402
 from scalejepa.eval.linear import linear_probe  # noqa: E402
-from scalejepa.eval.monitors import collapse_metrics, rankme  # noqa: E402
+from scalejepa.eval.monitors import collapse_metrics, position_share, rankme  # noqa: E402
 from scalejepa.eval.weights import build_encoder_from, load_step_dir, random_encoder  # noqa: E402
 from scalejepa.flops import expected_flops_per_image  # noqa: E402
 from scalejepa.layout import RunDir, committed_step_dirs, step_of  # noqa: E402
@@ -117,14 +117,6 @@ def block_tokens(encoder, images: torch.Tensor, mean, std, batch: int = 250) -> 
     return [torch.cat(t) for t in per_block]
 
 
-def position_share(tokens: torch.Tensor) -> float:
-    """Share of the layer-normed tokens' variance explained by the patch position: the
-    variance of the per-position mean over images, over the total variance."""
-    t = F.layer_norm(tokens.float(), tokens.shape[-1:])
-    total = t.var(dim=(0, 1), unbiased=False).sum()
-    return float(t.mean(0).var(dim=0, unbiased=False).sum() / total)
-
-
 def probe_encoder(encoder, spec, data: dict, probe_epochs: int | None, all_blocks: bool) -> dict:
     """kNN and linear top-1 on val and diagnostics on the val tokens, for the last block
     (or every block, ``all_blocks``)."""
@@ -140,7 +132,7 @@ def probe_encoder(encoder, spec, data: dict, probe_epochs: int | None, all_block
         knn = knn_classify(ftr, train_y, fva, val_y, ks=(HEADLINE_K,))[HEADLINE_K]["top1"]
         linear = linear_probe(ftr, train_y, fva, val_y, **kwargs)
         blocks.append({"block": b, "knn_top1": knn, "linear_top1": linear["top1"], "linear_best_lr": linear["best_lr"],
-                       "position_share": round(position_share(va), 4),
+                       "position_share": round(float(position_share(va)), 4),
                        "pooled_rankme": round(float(rankme(fva)), 3)})
     last = F.layer_norm(val_tokens[-1], val_tokens[-1].shape[-1:]).reshape(-1, val_tokens[-1].shape[-1])
     monitors = collapse_metrics(last)

@@ -175,6 +175,9 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
     knn = build_knn_evaluator(config)
     config_text = config_yaml(config)
     profiler = build_profiler(config, run, env, start_step, stop_step)
+    if knn is not None and start_step == 0 and stop_step >= config.eval.knn_every:
+        # the random-init value that the later kNN points are read against
+        metrics.write(0, knn_record(knn, engine, config, env), {"epoch": 0.0})
     first_loss = last_loss = None
     preempted = False
     for step in range(start_step, stop_step):
@@ -200,8 +203,7 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
             if env.is_main:
                 record.update(collapse_record(engine.last_targets))
             if knn_step:  # every rank: a sharded encoder's forward is collective
-                scores = knn(engine.eval_encoder, env.device, autocast_dtype(config, env.device))
-                record.update({"eval/knn_top1": scores["knn_top1"], "eval/knn_top5": scores["knn_top5"]})
+                record.update(knn_record(knn, engine, config, env))
             first_loss = record["train/loss"] if first_loss is None else first_loss
             last_loss = record["train/loss"]
             metrics.write(done, record, {"epoch": done / steps_per_epoch})
@@ -313,6 +315,13 @@ def build_knn_evaluator(config: Config):
 
     return KnnEvaluator(e.knn_train_shards, e.knn_val_shards, config.model.image_size, k=e.knn_k,
                         mean=config.data.mean, std=config.data.std)
+
+
+def knn_record(knn, engine, config: Config, env: DistEnv) -> dict[str, float]:
+    """kNN top-1/top-5 of the target encoder and its validation tokens' position share."""
+    scores = knn(engine.eval_encoder, env.device, autocast_dtype(config, env.device))
+    return {"eval/knn_top1": scores["knn_top1"], "eval/knn_top5": scores["knn_top5"],
+            "eval/position_share": scores["position_share"]}
 
 
 def collapse_record(targets: torch.Tensor | None) -> dict[str, float]:

@@ -144,7 +144,7 @@ def test_training_time_knn_decodes_once(shards, monkeypatch):
     encoder = random_encoder(EncoderSpec("vit_micro", 32, 4), seed=0)
     evaluator = KnnEvaluator(shards[0], shards[1], image_size=32, k=10, batch_size=64)
     first, second = evaluator(encoder, "cpu"), evaluator(encoder, "cpu")
-    assert first == second and set(first) == {"knn_top1", "knn_top5"}
+    assert first == second and set(first) == {"knn_top1", "knn_top5", "position_share"}
     assert calls == [4, 1]  # train (4 shards) and val (1 shard) decoded on the first call only
 
 

@@ -11,7 +11,14 @@ from scalejepa.config import load_config
 from scalejepa.eval.features import reader_share
 from scalejepa.eval.knn import knn_classify, knn_report
 from scalejepa.eval.linear import holdout_split, linear_probe
-from scalejepa.eval.monitors import collapse_metrics, feature_std, rankme
+from scalejepa.eval.monitors import (
+    collapse_metrics,
+    feature_std,
+    position_moments,
+    position_share,
+    position_share_from_moments,
+    rankme,
+)
 from scalejepa.eval.weights import (
     EncoderSpec,
     EncoderWeights,
@@ -114,6 +121,21 @@ def test_collapse_monitors():
     assert collapse_metrics(healthy, max_rows=500)["rankme"] == pytest.approx(metrics["rankme"], rel=0.1)
     with pytest.raises(ValueError, match="N >= 2"):
         collapse_metrics(torch.randn(1, 8))
+
+
+def test_position_share_separates_position_from_content():
+    gen = torch.Generator().manual_seed(0)
+    by_position = torch.randn(1, 16, 32, generator=gen).expand(50, 16, 32)  # every image alike
+    assert float(position_share(by_position)) == pytest.approx(1.0, abs=1e-4)
+    by_content = torch.randn(50, 16, 32, generator=gen)  # nothing depends on the position
+    assert float(position_share(by_content)) < 0.05
+    mixed = by_position + by_content
+    assert 0.3 < float(position_share(mixed)) < 0.7
+    # Moments of parts (batches, ranks) add up to the whole's.
+    parts = position_moments(mixed[:17]) + position_moments(mixed[17:])
+    assert float(position_share_from_moments(parts, 16)) == pytest.approx(float(position_share(mixed)), rel=1e-6)
+    with pytest.raises(ValueError, match="B, N, D"):
+        position_moments(torch.randn(16, 32))
 
 
 def test_rankme_matches_an_svd():

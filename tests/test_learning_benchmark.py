@@ -1,5 +1,5 @@
-"""The learning benchmark's own measurements: the position share of token variance and the
-per-block features it probes (which must match the evaluation CLI's pooled features)."""
+"""The learning benchmark's own measurements: the per-block features it probes (which must
+match the evaluation CLI's pooled features)."""
 
 import importlib.util
 from pathlib import Path
@@ -20,17 +20,6 @@ def load_learning():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_position_share_separates_position_from_content():
-    learning = load_learning()
-    gen = torch.Generator().manual_seed(0)
-    by_position = torch.randn(1, 16, 32, generator=gen).expand(50, 16, 32)  # every image alike
-    assert abs(learning.position_share(by_position) - 1.0) < 1e-4
-    by_content = torch.randn(50, 16, 32, generator=gen)  # nothing depends on the position
-    assert learning.position_share(by_content) < 0.05
-    mixed = by_position + by_content
-    assert 0.3 < learning.position_share(mixed) < 0.7
 
 
 def test_block_tokens_match_the_pooled_eval_features():

@@ -19,7 +19,7 @@ def run(run_dir, *overrides, resume="auto"):
 
 def losses(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
 def test_debug_run_writes_everything_and_loss_falls(tmp_path):
@@ -49,11 +49,21 @@ def test_debug_run_writes_everything_and_loss_falls(tmp_path):
     assert len(events.Scalars("train/loss")) == 40
 
 
-def test_periodic_knn_is_logged(tmp_path):
+def test_periodic_knn_is_logged_from_step_0(tmp_path):
+    """kNN and the position share at step 0 (the random init) and every knn_every steps,
+    in the JSON lines and in TensorBoard: a run that does not learn shows a flat line."""
     run_dir = tmp_path / "run"
-    assert run(run_dir, "train.steps=2", "eval.knn_every=2") == 0
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert 0 <= last["knn_top1"] <= 100 and last["knn_top5"] >= last["knn_top1"]
+    assert run(run_dir, "train.steps=4", "eval.knn_every=2") == 0
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        assert 0 <= r["knn_top1"] <= 100 and r["knn_top5"] >= r["knn_top1"] and 0 < r["position_share"] < 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    for tag in ("eval/knn_top1", "eval/position_share"):
+        assert [e.step for e in events.Scalars(tag)] == [0, 2, 4], tag
 
 
 def test_periodic_knn_needs_labeled_shards(tmp_path, capsys):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalejepa.eval.features import dist_info, load_images, normalize, pooled_features
+from scalejepa.eval.features import dist_info, load_images, normalize
+from scalejepa.eval.monitors import position_moments, position_share_from_moments
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +112,44 @@ class KnnEvaluator:
     @torch.no_grad()
     def __call__(self, encoder: nn.Module, device: torch.device | str,
                  autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """``{"knn_top1": .., "knn_top5": ..}`` (percent) of ``encoder`` (features of its last block)."""
+        """``{"knn_top1": .., "knn_top5": ..}`` (percent) of ``encoder`` (features of its last
+        block), and the ``position_share`` of its validation tokens (``eval.monitors``)."""
         train_images, train_labels, val_images, val_labels = self.data()
         device = torch.device(device)
-        train = self._encode(encoder, train_images, device, autocast_dtype)
-        val = self._encode(encoder, val_images, device, autocast_dtype)
+        train, _ = self._encode(encoder, train_images, device, autocast_dtype)
+        val, moments = self._encode(encoder, val_images, device, autocast_dtype)
         result = knn_classify(train, train_labels, val, val_labels, ks=(self.k,), temperature=self.temperature)
-        return {"knn_top1": result[self.k]["top1"], "knn_top5": result[self.k]["top5"]}
+        num_patches = (moments.numel() - 2) // val.shape[1]
+        values = torch.stack([position_share_from_moments(moments, num_patches).to(device)]).tolist()
+        return {"knn_top1": result[self.k]["top1"], "knn_top5": result[self.k]["top5"],
+                "position_share": values[0]}
 
     def _encode(self, encoder: nn.Module, images: torch.Tensor, device: torch.device,
-                autocast_dtype: torch.dtype | None) -> torch.Tensor:
+                autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features of every image, summed position moments of their tokens)."""
         rank, world = dist_info()
         # Equal shares, the last one padded by repeating images: every rank runs the same
         # number of equally sized forward passes, as a sharded encoder requires.
         share = -(-images.shape[0] // world)
-        index = torch.arange(rank * share, (rank + 1) * share).clamp_max(images.shape[0] - 1)
-        mine = images[index]
-        out = []
+        index = torch.arange(rank * share, (rank + 1) * share)
+        real = index < images.shape[0]  # the padding's repeats stay out of the moments
+        mine = images[index.clamp_max(images.shape[0] - 1)]
+        pooled, moments = [], 0
         for start in range(0, share, self.batch_size):
             batch = normalize(mine[start:start + self.batch_size].to(device, non_blocking=True), self.mean, self.std)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out.append(pooled_features(encoder, batch))
-        features = torch.cat(out)
+                tokens = encoder(batch)
+            tokens = tokens.view(batch.shape[0], -1, tokens.shape[-1]).float()
+            pooled.append(tokens.mean(1))
+            keep = real[start:start + self.batch_size].to(device)
+            if keep.any():
+                moments = moments + position_moments(tokens[keep])
+        features = torch.cat(pooled)
+        if not torch.is_tensor(moments):  # a rank with nothing but padding
+            moments = torch.zeros(tokens.shape[1] * tokens.shape[2] + 2, dtype=torch.float64, device=device)
         if world > 1:
             gathered = [torch.empty_like(features) for _ in range(world)]
             torch.distributed.all_gather(gathered, features)
             features = torch.cat(gathered)
-        return features[: images.shape[0]]
+            torch.distributed.all_reduce(moments)
+        return features[: images.shape[0]], moments
