@@ -119,10 +119,9 @@ class KnnEvaluator:
         train, _ = self._encode(encoder, train_images, device, autocast_dtype)
         val, moments = self._encode(encoder, val_images, device, autocast_dtype)
         result = knn_classify(train, train_labels, val, val_labels, ks=(self.k,), temperature=self.temperature)
-        num_patches = (moments.numel() - 2) // val.shape[1]
-        values = torch.stack([position_share_from_moments(moments, num_patches).to(device)]).tolist()
+        num_patches = (moments.numel() - 2) // val.shape[1]  # moments: N x D sums, then 2 scalars
         return {"knn_top1": result[self.k]["top1"], "knn_top5": result[self.k]["top5"],
-                "position_share": values[0]}
+                "position_share": float(position_share_from_moments(moments, num_patches))}
 
     def _encode(self, encoder: nn.Module, images: torch.Tensor, device: torch.device,
                 autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,19 +133,15 @@ class KnnEvaluator:
         index = torch.arange(rank * share, (rank + 1) * share)
         real = index < images.shape[0]  # the padding's repeats stay out of the moments
         mine = images[index.clamp_max(images.shape[0] - 1)]
-        pooled, moments = [], 0
+        pooled, moments = [], []
         for start in range(0, share, self.batch_size):
             batch = normalize(mine[start:start + self.batch_size].to(device, non_blocking=True), self.mean, self.std)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 tokens = encoder(batch)
             tokens = tokens.view(batch.shape[0], -1, tokens.shape[-1]).float()
             pooled.append(tokens.mean(1))
-            keep = real[start:start + self.batch_size].to(device)
-            if keep.any():
-                moments = moments + position_moments(tokens[keep])
-        features = torch.cat(pooled)
-        if not torch.is_tensor(moments):  # a rank with nothing but padding
-            moments = torch.zeros(tokens.shape[1] * tokens.shape[2] + 2, dtype=torch.float64, device=device)
+            moments.append(position_moments(tokens[real[start:start + self.batch_size].to(device)]))
+        features, moments = torch.cat(pooled), torch.stack(moments).sum(0)
         if world > 1:
             gathered = [torch.empty_like(features) for _ in range(world)]
             torch.distributed.all_gather(gathered, features)

@@ -63,8 +63,9 @@ def collapse_metrics(features: torch.Tensor, max_rows: int = 8192) -> dict[str, 
 def position_moments(tokens: torch.Tensor) -> torch.Tensor:
     """Sums that :func:`position_share_from_moments` needs, of (B, N, D) tokens, layer-normed
     first: one flat float64 tensor [per-position sums (N * D), sum of squares, count B].
-    Moments of several batches (or ranks) add up, so the share stays exact when summed."""
-    if tokens.dim() != 3 or tokens.shape[0] < 1:
+    Moments of several batches (or ranks) add up, so the share stays exact when summed;
+    an empty batch (B = 0) gives zeros."""
+    if tokens.dim() != 3:
         raise ValueError(f"position moments need (B, N, D) tokens, got shape {tuple(tokens.shape)}")
     t = F.layer_norm(tokens.float(), tokens.shape[-1:]).double()
     count = torch.tensor([t.square().sum(), t.shape[0]], dtype=torch.float64, device=t.device)
