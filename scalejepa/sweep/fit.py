@@ -161,18 +161,26 @@ def fit_sum_of_powers(logs: np.ndarray, y: np.ndarray, *, delta: float = HUBER_D
     if starts:
         grid = _start_grid(logs.shape[0])
         picks += [grid[i] for i in np.argsort(_grid_losses(grid, logs, log_y, delta))[:starts]]
-    best = None
+    results = []
     for start in picks:
         res = minimize(_objective, start, args=(logs, log_y, delta), jac=True, method="L-BFGS-B",
                        bounds=_bounds(logs.shape[0]), options=_LBFGS)
-        if np.all(np.isfinite(res.x)) and np.isfinite(res.fun) and (best is None or res.fun < best.fun):
-            best = res
-    if best is None:
+        if np.all(np.isfinite(res.x)) and np.isfinite(res.fun):
+            results.append(res)
+    if not results:
         return PowerFit(np.full(len(picks[0]), np.nan), math.inf, False)
+    # Starts that reach the same optimum differ only in how L-BFGS-B stopped there: among
+    # the optima equal to the best up to rounding, take one that converged, if any did.
+    best_fun = min(r.fun for r in results)
+    at_best = [r for r in results if r.fun <= best_fun + 1e-9 * max(1.0, abs(best_fun))]
+    best = next((r for r in at_best if _converged(r)), min(at_best, key=lambda r: r.fun))
+    return PowerFit(best.x, float(best.fun), _converged(best))
+
+
+def _converged(res) -> bool:
     # ABNORMAL_TERMINATION in the line search at the optimum is scipy's usual report of a
     # converged fit at these tolerances: accept it when the projected gradient is small.
-    converged = bool(best.success) or float(np.max(np.abs(best.jac))) < 1e-3 * max(1.0, abs(best.fun))
-    return PowerFit(best.x, float(best.fun), converged)
+    return bool(res.success) or float(np.max(np.abs(res.jac))) < 1e-3 * max(1.0, abs(res.fun))
 
 
 # ----------------------------------------------------------------------------- the three fits
