@@ -199,6 +199,12 @@ class MaskGenerator:
         truncation to the shortest context) for the whole batch and only those images are
         returned: one rank's part of a global batch, as a one-process run would draw it."""
         context, targets = self.sample_masks(batch_size, rng)
+        return self.pack(context, targets, rows)
+
+    def pack(self, context: np.ndarray, targets: np.ndarray, rows: slice | None = None) -> MaskBatch:
+        """The MaskBatch of boolean (B, N) context and (B, M, N) target masks (as drawn by
+        ``sample_masks``, or by another collator), truncated as ``mask.context`` says."""
+        batch_size = context.shape[0]
         if self.config.context == "truncate":
             keep_len = int(context.sum(1).min())
         if rows is not None:
@@ -209,7 +215,7 @@ class MaskGenerator:
         context_lens = context.sum(1)
         context_sampled = int(context_lens.sum())
         if self.config.context == "truncate":
-            context &= np.cumsum(context, axis=1) <= keep_len  # raster order: bottom patches go (quirk 4)
+            context = context & (np.cumsum(context, axis=1) <= keep_len)  # raster order: bottom patches go (quirk 4)
             context_lens = np.full(batch_size, keep_len)
         _, context_index = np.nonzero(context)
         # Target sequences in block-major order, s = m * B + b.

@@ -149,3 +149,11 @@ def test_reference_ema_loop_matches_foreach():
     EMA(targets[1], online, foreach=False).update(0.9)
     for a, b in zip(targets[0].parameters(), targets[1].parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_reference_equivalence_without_the_reference_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # for its `_common` import
+    with pytest.raises(SystemExit) as exit_info:
+        load("reference_equivalence").main(["--reference-dir", str(tmp_path / "ijepa"), "--out-dir", str(tmp_path)])
+    assert "git clone https://github.com/facebookresearch/ijepa" in str(exit_info.value)
+    assert not list(tmp_path.glob("*.json"))
