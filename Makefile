@@ -38,7 +38,7 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml
 EVAL_DATA := --train-shards builtin:mnist5k:train --val-shards builtin:mnist5k:val --compare-random
 
 demo: $(VENV)/.demo-installed
-	$(BIN)/scalejepa-train --config debug_cpu --run-dir $(RUN_DIR)
+	$(BIN)/scalejepa-train --config small_cpu --run-dir $(RUN_DIR)
 	@echo "== pretrained target encoder vs the same encoder at random init (MNIST digits, val split) =="
 	$(BIN)/scalejepa-eval knn --weights $(RUN_DIR) $(EVAL_DATA) --k 20 --out $(RUN_DIR)/eval_knn.json
 	$(BIN)/scalejepa-eval linear --weights $(RUN_DIR) $(EVAL_DATA) --out $(RUN_DIR)/eval_linear.json

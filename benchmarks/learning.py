@@ -13,7 +13,7 @@ probe of ``scalejepa.eval``. Alongside, the diagnostics of a failing run:
 * ``token_std`` / ``token_rankme`` (collapse monitors on the last block's tokens) and the
   RankMe of the pooled features.
 
-    python benchmarks/learning.py --config debug_cpu --seeds 0 1 2 --probe-every 62
+    python benchmarks/learning.py --config small_cpu --seeds 0 1 2 --probe-every 62
 
 Labeled sets: ``mnist5k`` (built in) and, when the ``animal-mnist`` package is installed
 (``pip install --no-deps animal-mnist``; its wheel ships the images), 5,000 of its
@@ -31,6 +31,7 @@ import os
 import pickle
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -242,8 +243,9 @@ def plot(results: dict, path: Path) -> str | None:
             ax.set_ylabel(f"{name} val top-1 (%)")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
-    fig.suptitle(f"{' '.join([results['config'], *results['overrides']])}: target encoder, last block, "
-                 f"seeds {', '.join(results['seeds'])}", fontsize=9)
+    title = (f"{' '.join([results['config'], *results['overrides']])}: target encoder, last block, "
+             f"seeds {', '.join(results['seeds'])}")
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)  # long override lists would run off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -252,7 +254,7 @@ def plot(results: dict, path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="debug_cpu")
+    parser.add_argument("--config", default="small_cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--probe-every", type=int, default=62, help="checkpoint (and probe) interval in steps")
     parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: the CLI's)")

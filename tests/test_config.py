@@ -6,8 +6,8 @@ import yaml
 
 from scalejepa.config import Config, ConfigError, load_config, preset_names, save_config, validate
 
-PRESETS = ["debug_cpu", "vit_b16_in1k", "vit_l16_in1k", "vit_h14_in1k_ep300", "vit_h16_448_in1k_ep300",
-           "vit_g16_in22k_ep44"]
+PRESETS = ["debug_cpu", "small_cpu", "vit_b16_in1k", "vit_l16_in1k", "vit_h14_in1k_ep300",
+           "vit_h16_448_in1k_ep300", "vit_g16_in22k_ep44"]
 
 
 def test_all_presets_ship_and_validate():
