@@ -105,10 +105,11 @@ def compare_draw(config, models, ref, collator, helpers, batch: int, seed: int) 
     masks = packer.pack(context, targets)
 
     with torch.no_grad():
-        ref_h = F.layer_norm(ref_target(images), (model.encoder.embed_dim,))
+        ref_features = ref_target(images)
+        ref_h = F.layer_norm(ref_features, (model.encoder.embed_dim,))
         ref_h = repeat_interleave_batch(apply_masks(ref_h, masks_pred), batch, repeat=len(masks_enc))
         our_h = compute_targets(target, images, masks)
-        stages = {"target_encoder": max_relative(target(images).view(batch, grid_patches, -1), ref_target(images)),
+        stages = {"target_encoder": max_relative(target(images).view(batch, grid_patches, -1), ref_features),
                   "targets": max_relative(our_h, ref_h.reshape(-1, ref_h.shape[-1]))}
     ref_context = ref_encoder(images, masks_enc)
     our_context = model.encoder(images, masks.context)
@@ -118,7 +119,7 @@ def compare_draw(config, models, ref, collator, helpers, batch: int, seed: int) 
     stages["predictor"] = max_relative(our_pred, ref_pred.reshape(-1, ref_pred.shape[-1]))
     ref_loss = F.smooth_l1_loss(ref_pred, ref_h)
     our_loss = model(images, masks, our_h)  # the module's own forward, as training calls it
-    stages["loss"] = max_relative(our_loss.detach(), ref_loss.detach())
+    stages["loss"] = max_relative(our_loss, ref_loss)
     for module in (model, ref_encoder, ref_predictor):
         module.zero_grad(set_to_none=True)
     ref_loss.backward()
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         worst = max(draws[-1]["max_relative_difference"].items(), key=lambda kv: kv[1])
         _common.progress(f"draw {i}: context {draws[-1]['context_tokens']} tokens, worst stage {worst[0]} "
                          f"{worst[1]:.1e}")
-    worst = {stage: max(d["max_relative_difference"][stage] for d in draws) for stage in draws[0]["max_relative_difference"]}
+    stages = draws[0]["max_relative_difference"]
+    worst = {stage: max(d["max_relative_difference"][stage] for d in draws) for stage in stages}
     problems += [f"{stage}: relative difference {value:.1e} > {RELATIVE_TOLERANCE:.0e}"
                  for stage, value in worst.items() if value > RELATIVE_TOLERANCE]
     env = _common.environment(torch.device("cpu"))
