@@ -15,6 +15,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from scalejepa.eval.cli import main as eval_main
 from scalejepa.train import main as train_main
@@ -27,8 +28,18 @@ def evaluate(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.fixture
+def both_cores():
+    """Training is single-process here (its loader workers mostly wait): give it both of
+    CI's cores instead of conftest's one intra-op thread, which nearly halves the test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_pretraining_beats_random_init(tmp_path, capsys):
+def test_pretraining_beats_random_init(tmp_path, capsys, both_cores):
     run = tmp_path / "run"
     start = time.monotonic()
     assert train_main(["--config", "small_cpu", "--run-dir", str(run)]) == 0
