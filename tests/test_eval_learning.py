@@ -31,7 +31,7 @@ def evaluate(capsys, *argv) -> dict:
 @pytest.fixture
 def both_cores():
     """Training is single-process here (its loader workers mostly wait): give it both of
-    CI's cores instead of conftest's one intra-op thread, which nearly halves the test."""
+    CI's cores instead of conftest's one intra-op thread (a third faster)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
