@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[1] / "third_party" / "ijepa"
 REFERENCE_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
 
 
@@ -51,6 +52,15 @@ def _import_reference(ref_dir: Path):
 
     root.setLevel(max(level, logging.WARNING))  # init_model logs the whole model at INFO
     return init_model, init_opt, MaskCollator, apply_masks, grad_logger, repeat_interleave_batch
+
+
+def reference_collator(MaskCollator, config):
+    """The reference's multi-block collator, configured as our ``config.mask``."""
+    m, mask = config.model, config.mask
+    return MaskCollator(input_size=(m.image_size, m.image_size), patch_size=m.patch_size,
+                        enc_mask_scale=mask.context_scale, pred_mask_scale=mask.target_scale,
+                        aspect_ratio=mask.target_aspect, nenc=1, npred=mask.num_targets,
+                        min_keep=mask.min_keep, allow_overlap=mask.allow_overlap)
 
 
 class ReferenceRunner:
@@ -88,10 +98,7 @@ class ReferenceRunner:
         self.num_params = sum(p.numel() for p in encoder.parameters()) + sum(p.numel() for p in predictor.parameters())
         self.momentum = config.optim.ema[0]
 
-        collator = MaskCollator(input_size=(m.image_size, m.image_size), patch_size=m.patch_size,
-                                enc_mask_scale=mask.context_scale, pred_mask_scale=mask.target_scale,
-                                aspect_ratio=mask.target_aspect, nenc=1, npred=mask.num_targets,
-                                min_keep=mask.min_keep, allow_overlap=mask.allow_overlap)
+        collator = reference_collator(MaskCollator, config)
         self.masks = []
         for _ in range(num_batches):
             _, enc, pred = collator([torch.zeros(1) for _ in range(batch_size)])

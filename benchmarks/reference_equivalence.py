@@ -33,20 +33,24 @@ import _common
 
 _common.ensure_importable()
 
-from _reference_ijepa import ReferenceUnavailable, _import_reference  # noqa: E402
+from _reference_ijepa import (  # noqa: E402
+    DEFAULT_REFERENCE_DIR,
+    ReferenceUnavailable,
+    _import_reference,
+    reference_collator,
+)
 from scalejepa.config import load_config  # noqa: E402
 from scalejepa.ijepa import build_models, compute_targets  # noqa: E402
 from scalejepa.masks import MaskGenerator  # noqa: E402
 
-DEFAULT_REFERENCE_DIR = _common.REPO / "third_party" / "ijepa"
 # float32 round-off over a few blocks is ~1e-6 of the values; a real difference (a wrong
 # position, a missing norm) is of the order of the values themselves.
 RELATIVE_TOLERANCE = 1e-4
 
 
-def reference_models(ref_dir: Path, model_config, encoder, predictor):
-    """The reference's encoder class twice (context, target) and its predictor, in our shapes."""
-    _import_reference(ref_dir)
+def reference_models(model_config, encoder, predictor):
+    """The reference's encoder class twice (context, target) and its predictor, in our
+    shapes (after ``_import_reference`` has put its checkout on the path)."""
     import src.models.vision_transformer as ref_vit
 
     norm = partial(nn.LayerNorm, eps=1e-6)  # as every reference constructor sets it
@@ -151,24 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the reference's collator is the specification of mask.mode=reference only")
     torch.manual_seed(config.train.seed)
     model, target = build_models(config.model, config.train.loss)
-    with torch.no_grad():  # make biases, norms and the target differ from their inits
+    with torch.no_grad():  # every parameter off its init (zero biases, unit norms), the target off the encoder
         for p in [*model.parameters(), *target.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
     try:
-        ref = reference_models(args.reference_dir, config.model, model.encoder, model.predictor)
         _, _, MaskCollator, apply_masks, _, repeat_interleave_batch = _import_reference(args.reference_dir)
     except ReferenceUnavailable as exc:
         raise SystemExit(str(exc)) from None
+    ref = reference_models(config.model, model.encoder, model.predictor)
     problems = [f"encoder {p}" for p in load_ours_into(model.encoder, ref[0])]
     problems += [f"target {p}" for p in load_ours_into(target, ref[1])]
     problems += [f"predictor {p}" for p in load_ours_into(model.predictor, ref[2])]
     if config.train.loss != "smooth_l1":
         problems.append(f"train.loss={config.train.loss}: the reference uses smooth_l1")
-    m, mask = config.model, config.mask
-    collator = MaskCollator(input_size=(m.image_size, m.image_size), patch_size=m.patch_size,
-                            enc_mask_scale=mask.context_scale, pred_mask_scale=mask.target_scale,
-                            aspect_ratio=mask.target_aspect, nenc=1, npred=mask.num_targets,
-                            min_keep=mask.min_keep, allow_overlap=mask.allow_overlap)
+    collator = reference_collator(MaskCollator, config)
     draws = []
     for i in range(args.draws):
         draws.append(compare_draw(config, (model, target), ref, collator, (apply_masks, repeat_interleave_batch),

@@ -80,9 +80,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    REPO, RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, provenance_line,
+    RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, provenance_line,
     pyplot, save_figure, write_json, write_report,
 )
+from _reference_ijepa import DEFAULT_REFERENCE_DIR  # noqa: E402
 
 ensure_importable()
 
@@ -93,7 +94,6 @@ from scalejepa.step import StepSchedule, train_step  # noqa: E402
 
 # Goals of the benchmark issue (H100, ViT-H/14, batch 128).
 TARGETS = {"img_s_per_gpu_truncate": 600.0, "mfu_pct_truncate": 40.0, "speedup_vs_reference_baseline": 3.0}
-DEFAULT_REFERENCE_DIR = REPO / "third_party" / "ijepa"
 
 
 @dataclass
