@@ -201,7 +201,7 @@ def evaluate(args: argparse.Namespace, env) -> dict:
         return next(iter(results.values()))
     pretrained, baseline = results["pretrained"], results["random_init"]
     gain = pretrained.get("top1", 0.0) - baseline.get("top1", 0.0)  # results live on rank 0 only
-    return {**pretrained, "random_init_baseline": baseline, "gain_top1": gain}
+    return {**pretrained, "random_init_baseline": baseline, "gain_top1": round(gain, 4)}
 
 
 def classify(args: argparse.Namespace, train: Features, val: Features, device: torch.device) -> dict:
