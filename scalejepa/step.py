@@ -60,16 +60,7 @@ def train_step(engine: Engine, next_batch: Callable[[], Any], schedule: StepSche
     ``stop_requested()``: this rank's wish to stop after this step (read once, after the
     micro-batches); the result's ``stop`` is True on every rank if any rank asked.
     Raises :class:`NonFiniteLossError` before the optimizer step on a NaN/inf loss."""
-    loss = torch.zeros((), device=engine.device)
-    batches, data_wait = [], 0.0
-    for micro in range(grad_accum):
-        tick = time.perf_counter()
-        with torch.profiler.record_function(PHASE_DATA):
-            batch = next_batch()
-        data_wait += time.perf_counter() - tick
-        keep = keep_targets and micro == grad_accum - 1
-        loss += engine.forward_backward(batch.images, batch.masks, 1.0 / grad_accum, keep_targets=keep) / grad_accum
-        batches.append(batch)
+    loss, batches, data_wait = accumulate_gradients(engine, next_batch, grad_accum, keep_targets)
     wants_stop = float(stop_requested is not None and stop_requested())
     # Every rank sees the same values, so every rank stops alike.
     reduced = all_reduce_mean(torch.stack([loss, torch.tensor(wants_stop, device=loss.device)]))
@@ -83,8 +74,33 @@ def train_step(engine: Engine, next_batch: Callable[[], Any], schedule: StepSche
         )
     if before_update is not None:
         before_update()
+    grad_norm = apply_update(engine, schedule)
+    return StepResult(loss, grad_norm, batches, data_wait, stop=stop > 0)
+
+
+def accumulate_gradients(engine: Engine, next_batch: Callable[[], Any], grad_accum: int = 1,
+                         keep_targets: bool = False) -> tuple[torch.Tensor, list[Any], float]:
+    """Forward + backward of ``grad_accum`` micro-batches: (mean loss on the device, the
+    micro-batches, host seconds spent waiting for them). ``scalejepa.plan`` traces this
+    and :func:`apply_update`, the step without its host sync."""
+    loss = torch.zeros((), device=engine.device)
+    batches, data_wait = [], 0.0
+    for micro in range(grad_accum):
+        tick = time.perf_counter()
+        with torch.profiler.record_function(PHASE_DATA):
+            batch = next_batch()
+        data_wait += time.perf_counter() - tick
+        keep = keep_targets and micro == grad_accum - 1
+        loss += engine.forward_backward(batch.images, batch.masks, 1.0 / grad_accum, keep_targets=keep) / grad_accum
+        batches.append(batch)
+    return loss, batches, data_wait
+
+
+def apply_update(engine: Engine, schedule: StepSchedule) -> torch.Tensor | None:
+    """The optimizer step with the scheduled values, then the EMA of the target encoder;
+    returns the grad norm when clipping."""
     with torch.profiler.record_function(PHASE_OPTIMIZER):
         grad_norm = engine.step(schedule.lr, schedule.weight_decay)
     with torch.profiler.record_function(PHASE_EMA):
         engine.update_target(schedule.ema_momentum)
-    return StepResult(loss, grad_norm, batches, data_wait, stop=stop > 0)
+    return grad_norm

@@ -6,10 +6,16 @@ device), fsdp2 (:mod:`scalejepa.parallel.fsdp`) or deepspeed
 The sequence is the same for every backend: seed, build the models on the CPU (so every
 world size starts from the weights of a one-process run), per-block activation
 checkpointing and compile, then the backend's wrapping, which also builds the optimizer
-on the wrapped parameters."""
+on the wrapped parameters.
+
+``scalejepa.plan`` builds the same engine with ``meta_init=True`` under a
+``FakeTensorMode``: the models are built on the meta device, wrapped, then given empty
+(fake) storage on the device by :func:`materialize` before the optimizer is built. No
+value is ever read, so no initialisation runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -19,7 +25,7 @@ from scalejepa.dist_env import DistEnv
 from scalejepa.ijepa import IJEPA, build_models
 from scalejepa.models.vit import VisionTransformer
 from scalejepa.parallel.blocks import apply_block_options
-from scalejepa.parallel.engine import Engine, TorchEngine, build_optimizer
+from scalejepa.parallel.engine import Engine, TorchEngine, build_optimizer, materialize
 from scalejepa.parallel.precision import autocast_dtype
 
 
@@ -38,15 +44,19 @@ def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: Visio
             f"launched with {env.world_size} processes but distributed.backend=none: "
             "set distributed.backend=fsdp2 or deepspeed, or launch one process"
         )
-    model.to(env.device)
-    target.to(env.device)
+    if not materialize(env.device, model, target):  # a meta build (scalejepa.plan) gets empty storage instead
+        model.to(env.device)
+        target.to(env.device)
     optimizer = build_optimizer(model, config.optim, env.device)
     return TorchEngine(model, target, optimizer, autocast_dtype=autocast_dtype(config, env.device),
                        clip_grad=config.optim.clip_grad)
 
 
-def build_engine(config: Config, env: DistEnv) -> Engine:
-    check_device_support(config, env.device)
+def build_engine(config: Config, env: DistEnv, *, meta_init: bool = False) -> Engine:
+    """The engine of ``config`` on ``env``; ``meta_init``: build on the meta device for a
+    trace under ``FakeTensorMode`` (``scalejepa.plan``; no kernel runs, so no device check)."""
+    if not meta_init:
+        check_device_support(config, env.device)
     backend = config.distributed.backend
     if backend == "none":
         wrap = wrap_single_device
@@ -57,7 +67,8 @@ def build_engine(config: Config, env: DistEnv) -> Engine:
     else:
         raise ConfigError(f"unknown distributed.backend={backend!r}; choose none, fsdp2 or deepspeed")
     torch.manual_seed(config.train.seed)
-    model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
+    with torch.device("meta") if meta_init else contextlib.nullcontext():
+        model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
     d = config.distributed
     apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
     return wrap(config, env, model, target)

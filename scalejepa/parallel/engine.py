@@ -93,6 +93,29 @@ def build_optimizer(model: nn.Module, optim_config, device: torch.device) -> tor
     )
 
 
+def materialize(device: torch.device, *modules: nn.Module) -> bool:
+    """Give modules built on the meta device (``build_engine(meta_init=True)``) empty
+    storage on ``device``; modules with real weights are left as they are. True when
+    something was materialised.
+
+    FSDP2-sharded modules take ``to_empty`` (FSDP2's deferred-initialisation path). Plain
+    modules get new tensors in place of the meta ones: ``to_empty`` would try to swap the
+    fake meta tensors of a planner trace in place, which fake tensors refuse."""
+    from torch.distributed.fsdp import FSDPModule
+
+    meta = [m for m in modules if any(p.is_meta for p in m.parameters())]
+    for module in meta:
+        if isinstance(module, FSDPModule):
+            module.to_empty(device=device)
+            continue
+        for sub in module.modules():
+            for name, param in sub.named_parameters(recurse=False):
+                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+            for name, buffer in sub.named_buffers(recurse=False):
+                sub._buffers[name] = torch.empty_like(buffer, device=device)
+    return bool(meta)
+
+
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """This step's learning rate, and weight decay on the groups that take it."""
     for group in optimizer.param_groups:

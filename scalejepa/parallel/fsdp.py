@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -43,13 +44,18 @@ from scalejepa.config import Config, ConfigError
 from scalejepa.dist_env import DistEnv, ensure_process_group
 from scalejepa.ijepa import IJEPA
 from scalejepa.models.vit import VisionTransformer
-from scalejepa.parallel.engine import TorchEngine, build_optimizer
+from scalejepa.parallel.engine import TorchEngine, build_optimizer, materialize
 from scalejepa.parallel.precision import autocast_dtype, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
 def build_mesh(env: DistEnv, shard_group_size: int) -> DeviceMesh:
+    with unset_fake_temporarily():  # a mesh needs real tensors, also when scalejepa.plan traces under fake mode
+        return _build_mesh(env, shard_group_size)
+
+
+def _build_mesh(env: DistEnv, shard_group_size: int) -> DeviceMesh:
     world = env.world_size
     if shard_group_size in (0, world):
         return init_device_mesh(env.device.type, (world,), mesh_dim_names=("shard",))
@@ -103,6 +109,7 @@ def wrap_fsdp2(config: Config, env: DistEnv, model: IJEPA, target: VisionTransfo
     mesh = build_mesh(env, d.shard_group_size)
     mp, autocast = mixed_precision(config, autocast_dtype(config, env.device))
     shard(model, target, mesh, mp, d.reshard_after_forward)
+    materialize(env.device, model, target)
     if env.is_main:
         log.info("FSDP2 over mesh %s, mixed precision %s, autocast %s, reshard_after_forward %s, "
                  "activation checkpointing %s, compile %s", dict(zip(mesh.mesh_dim_names, mesh.shape)),
