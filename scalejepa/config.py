@@ -384,6 +384,16 @@ def validate(config: Config) -> None:
         )
 
 
+def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
+    """Per-rank batch; the global batch must split evenly over ranks and micro-batches."""
+    if global_batch % (world_size * grad_accum):
+        raise ConfigError(
+            f"train.batch_size={global_batch} is not divisible by world size x train.grad_accum = "
+            f"{world_size} x {grad_accum}: pick a batch size that is a multiple of {world_size * grad_accum}"
+        )
+    return global_batch // world_size
+
+
 def check_model_shape(model: ModelConfig) -> None:
     """model.arch=custom needs a shape that builds (width a multiple of heads, head
     dimension a multiple of 8, an integer MLP width); named sizes take no shape keys."""

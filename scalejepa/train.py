@@ -33,7 +33,16 @@ from pathlib import Path
 import torch
 
 from scalejepa.checkpoint import Checkpointer, CheckpointError, TrainState
-from scalejepa.config import Config, ConfigError, config_yaml, load_config, preset_names, save_config, validate
+from scalejepa.config import (
+    Config,
+    ConfigError,
+    config_yaml,
+    divide_batch,
+    load_config,
+    preset_names,
+    save_config,
+    validate,
+)
 from scalejepa.data.pipeline import ShardDataError, SyntheticLoader, TrainLoader
 from scalejepa.data.shard_index import ShardIndexError
 from scalejepa.dist_env import DistEnv, barrier, init_distributed, shutdown_distributed
@@ -236,16 +245,6 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
-    """Per-rank batch; the global batch must split evenly over ranks and micro-batches."""
-    if global_batch % (world_size * grad_accum):
-        raise ConfigError(
-            f"train.batch_size={global_batch} is not divisible by world size x train.grad_accum = "
-            f"{world_size} x {grad_accum}: pick a batch size that is a multiple of {world_size * grad_accum}"
-        )
-    return global_batch // world_size
 
 
 def resolve_data(config: Config, env: DistEnv) -> tuple[list[str], int]:

@@ -119,22 +119,18 @@ def test_loader_smoke(tmp_path):
 
 
 def test_scaling_smoke(tmp_path):
-    path = load("scaling").main(["--smoke", "--out-dir", str(tmp_path), "--step-ms", "250", "--batch", "128",
-                                 "--device", "NVIDIA H100 80GB HBM3"])
+    """The planner over clusters and layouts: a row per (cluster, layout), HSDP only where
+    there are several nodes, every row labelled a prediction."""
+    path = load("scaling").main(["--smoke", "--out-dir", str(tmp_path)])
     data = json.loads(Path(path).read_text())
     check_env(data["env"])
-    rows = {(r["strategy"], r["gpus"]): r for r in data["rows"]}
-    assert set(rows) == {(s, n) for s in ("fsdp", "hsdp", "zero2", "ddp") for n in (8, 16, 64, 128)}
-    # ViT-H parameter traffic (bf16 gathers, fp32 reduce-scatters) at these bandwidths: FSDP
-    # within one NVLink node ~16 ms; flat over 400 Gb/s ~110-140 ms; HSDP cross-node ~5-13 ms
-    assert 12 < rows["fsdp", 8]["comm_ms"] < 22
-    assert 105 < rows["fsdp", 16]["comm_ms"] < 145
-    hsdp_inter = [rows["hsdp", n]["comm_bytes_inter_gb"] / 50 * 1e3 for n in (16, 128)]
-    assert 4 < hsdp_inter[0] < hsdp_inter[1] < 14
-    r = rows["fsdp", 16]
-    assert r["per_gpu_batch"] == 128 and r["compute_ms"] == pytest.approx(250.0)
-    assert r["gpu_hours"] == pytest.approx(16 * r["wall_hours"]) and r["mfu_pct"] > 0
-    assert data["measured"]["gflops_per_image"] == pytest.approx(654, abs=10)
+    assert data["predicted"] is True
+    assert [(r["cluster"], r["layout"]) for r in data["rows"]] == [
+        ("a100-40gb:1x2", "fsdp2"), ("h100-sxm:2x2", "fsdp2"), ("h100-sxm:2x2", "hsdp")]
+    for r in data["rows"]:
+        assert r["step_time_s"] > 0 and r["fits"] and r["gpu_hours_total"] == pytest.approx(
+            r["gpu_hours_per_epoch"] * r["epochs"])
+    assert "no GPU measured these" in (tmp_path / data["table"]).read_text()
 
 
 def test_reference_ema_loop_matches_foreach():

@@ -211,3 +211,40 @@ def test_unknown_gpu_kind_lists_the_known_ones():
         parse_cluster("rtx4090:1x8")
     assert parse_cluster("h100-sxm:2x8").world_size == 16
     assert torch.isfinite(torch.tensor(parse_cluster("b200:1x8").usable_gib()))
+
+
+def test_calibration_recovers_phase_efficiencies_from_a_measured_file(tmp_path):
+    """A train_step-shaped results file whose phases took 2x (backward) and 1.25x (the rest)
+    the planner's prediction: the fit finds those efficiencies and the error vanishes."""
+    from scalejepa.plan.calibrate import calibrate
+
+    cluster = parse_cluster("h100-sxm:1x1")
+    slower = {"target_forward": 1.25, "context_predictor": 1.25, "backward": 2.0, "optimizer": 1.25, "ema": 1.25}
+    variants = []
+    for name, overrides in [("truncate_sdpa", ["mask.context=truncate"]), ("pack_sdpa", ["mask.context=pack"])]:
+        config = load_config("debug_cpu", [*SMALL, *overrides, "train.batch_size=4"])
+        phases = schedule(trace_step(config, 1), cluster).phases_s
+        variants.append({"variant": name, "batch": 4, "config_overrides": overrides, "step_ms_median": 1.0,
+                         "phases_ms": {p: 1e3 * t * slower[p] for p, t in phases.items()}})
+    path = tmp_path / "train_step_x.json"
+    path.write_text(json.dumps({"env": {"device": "NVIDIA H100 80GB HBM3"},
+                                "settings": {"preset": "debug_cpu", "overrides": SMALL}, "variants": variants}))
+    result = calibrate(path)
+    assert result["gpu"] == "h100-sxm"
+    assert result["efficiency"]["backward"] == pytest.approx(0.5, rel=1e-6)
+    assert result["efficiency"]["target_forward"] == pytest.approx(0.8, rel=1e-6)
+    for row in result["variants"]:
+        assert row["error_pct"] < -25  # the roofline alone is optimistic here
+        assert abs(row["calibrated_error_pct"]) < 0.5
+
+
+def test_calibration_refuses_a_file_without_phases_or_from_an_unknown_gpu(tmp_path):
+    from scalejepa.plan.calibrate import calibrate
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"env": {"device": "cpu (x86_64, 2 logical cores)"}, "settings": {}, "variants": []}))
+    with pytest.raises(ConfigError, match="matches no GPU kind"):
+        calibrate(path)
+    path.write_text(json.dumps({"env": {"device": "NVIDIA H200"}, "settings": {}, "variants": [{"variant": "a"}]}))
+    with pytest.raises(ConfigError, match="no variant of this file has phases_ms"):
+        calibrate(path)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from scalejepa.config import ConfigError, load_config
 from scalejepa.io import atomic_write_text
-from scalejepa.plan.hardware import GPU_KINDS, Cluster, parse_cluster
+from scalejepa.plan.calibrate import calibrate, calibration_text
+from scalejepa.plan.hardware import GPU_KINDS, parse_cluster
 from scalejepa.plan.planner import max_micro_batch, price, recommend, report
 
 _START = time.perf_counter()
@@ -41,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", action="store_true", help="also find the largest micro-batch per GPU that fits")
     p.add_argument("--recommend", action="store_true",
                    help="price FSDP2 / HSDP / ZeRO-2, with and without activation checkpointing, and pick one")
+    p.add_argument("--calibrate", type=Path, default=None, metavar="TRAIN_STEP_JSON",
+                   help="fit per-phase efficiencies to a measured benchmarks/train_step.py results file first, "
+                        "print the planner's error on each of its variants, and plan with them")
     p.add_argument("--inter-node-gbps", type=float, default=None,
                    help="per-GPU network rate in GB/s (default: the kind's reference NIC, see scalejepa/plan/hardware.py)")
     p.add_argument("--json", type=Path, default=None, help="write the report as one JSON object")
@@ -51,15 +55,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 def plan(args: argparse.Namespace) -> dict:
     cluster = parse_cluster(args.gpus, args.inter_node_gbps)
     config = load_config(args.config, args.overrides)
-    priced = price(config, cluster, progress=progress)
+    calibration = None
+    if args.calibrate:
+        progress(f"calibrating on {args.calibrate} ...")
+        calibration = calibrate(args.calibrate)
+        print(calibration_text(calibration))
+    efficiency = calibration["efficiency"] if calibration else None
+    priced = price(config, cluster, efficiency=efficiency, progress=progress)
     result = report(priced, cluster)
-    result["preset"] = args.config
-    result["overrides"] = list(args.overrides)
+    result.update(preset=args.config, overrides=list(args.overrides), calibration=calibration,
+                  traced_on=provenance())
     if args.max_batch:
         result.update(max_micro_batch(priced.config, cluster, first=priced.trace, progress=progress))
     if args.recommend:
-        result["recommendation"] = recommend(priced, cluster, progress=progress)
+        result["recommendation"] = recommend(priced, cluster, efficiency=efficiency, progress=progress)
     return result
+
+
+def provenance() -> dict:
+    """Where and when the step was traced (the plan itself is about the GPUs named)."""
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    return {"device": f"cpu ({platform.machine()}, {os.cpu_count()} logical cores)", "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def text(r: dict) -> str:
@@ -68,7 +91,8 @@ def text(r: dict) -> str:
     ms = lambda s: f"{1e3 * s:.0f}"  # noqa: E731
     lines = [
         f"scalejepa-plan: {r['preset']} on {r['world_size']} x {r['gpu']} ({c['nodes']} node(s) x {c['per_node']}): "
-        "PREDICTED from a traced CPU step (roofline at achievable rates); no GPU measured this",
+        + ("PREDICTED from a traced CPU step, calibrated on " + r["calibration"]["source"] if r.get("calibration") else
+         "PREDICTED from a traced CPU step (roofline at achievable rates); no GPU measured this"),
         f"  config: {r['label']}, {r['precision']}, attention {r['attn_impl']}, mask.context {r['mask_context']}, "
         f"micro-batch {r['micro_batch_per_gpu']} x accum {r['grad_accum']} x {r['world_size']} GPUs = {r['global_batch']}",
         "  memory per GPU at the peak (GiB): " + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "peak")

@@ -2,10 +2,9 @@
 a schedule of the compute stream and the communication stream that overlaps only what
 FSDP2 overlaps.
 
-* An op takes ``max(FLOPs / matmul rate of its dtype, bytes / memory rate)`` at the GPU's
-  *achievable* rates (:mod:`scalejepa.plan.hardware`), divided by the phase's efficiency
-  (1.0 until ``--calibrate`` fits one from a measured step), and at least
-  :data:`KERNEL_FLOOR_S`. Attention backward kernels recompute Q K^T: 1.25x their model FLOPs.
+* An op takes ``max(FLOPs / matmul rate of its dtype, bytes / memory rate, KERNEL_FLOOR_S)``
+  at the GPU's *achievable* rates (:mod:`scalejepa.plan.hardware`), divided by the phase's
+  efficiency (1.0 until ``--calibrate`` fits one from a measured step). Attention backward kernels recompute Q K^T: 1.25x their model FLOPs.
 * A collective over n ranks moves ``(n - 1) / n`` of its buffer per GPU (ring all-gather and
   reduce-scatter; twice that for an all-reduce) at the intra-node rate when its group sits in
   one node, else at the per-GPU network rate, plus a latency per collective.
@@ -55,8 +54,8 @@ class StepTime:
 def op_seconds(op: Op, rates: dict[str, float], efficiency: float = 1.0) -> float:
     flops = op.flops * (ATTENTION_BACKWARD_RECOMPUTE if op.attention_backward else 1.0)
     matmul = rates["bf16_flops"] if op.dtype in ("torch.bfloat16", "torch.float16") else rates["fp32_flops"]
-    seconds = max(flops / matmul if flops else 0.0, op.bytes / rates["hbm_bytes"])
-    return max(seconds / efficiency, KERNEL_FLOOR_S)
+    seconds = max(flops / matmul if flops else 0.0, op.bytes / rates["hbm_bytes"], KERNEL_FLOOR_S)
+    return seconds / efficiency
 
 
 def collective_seconds(c: Collective, cluster: Cluster, rates: dict[str, float]) -> tuple[float, str, float]:

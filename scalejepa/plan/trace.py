@@ -41,13 +41,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from scalejepa.config import Config, ConfigError, validate
+from scalejepa.config import Config, ConfigError, divide_batch, validate
 from scalejepa.dist_env import DistEnv, all_reduce_mean
 from scalejepa.masks import MaskGenerator, mask_rng
 from scalejepa.parallel import build_engine
 from scalejepa.parallel.engine import PHASE_BACKWARD, PHASE_CONTEXT_PREDICTOR, PHASE_TARGET_FORWARD
 from scalejepa.step import PHASE_DATA, PHASE_EMA, PHASE_OPTIMIZER, StepSchedule, accumulate_gradients, apply_update
-from scalejepa.train import divide_batch
 
 PHASE_NAMES = {PHASE_TARGET_FORWARD: "target_forward", PHASE_CONTEXT_PREDICTOR: "context_predictor",
                PHASE_BACKWARD: "backward", PHASE_OPTIMIZER: "optimizer", PHASE_EMA: "ema"}
