@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import yaml
 
+from scalejepa.config import preset_of
 from scalejepa.eval.spec import SIDECAR_FORMAT, SIDECAR_VERSION, EncoderWeights, WeightsError
 from scalejepa.eval.weights import load_weights, sidecar_path
 from scalejepa.formats import CARD_FILE, PT_FILE
@@ -98,11 +99,7 @@ def run_facts(weights: EncoderWeights) -> dict[str, Any]:
     run = RunDir(weights.run_dir)
     config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
     evals = {p.name: json.loads(p.read_text()) for p in sorted(run.root.glob(EVAL_RESULTS_GLOB))}
-    preset = None
-    if run.config.is_file():
-        first = run.config.read_text().partition("\n")[0]
-        preset = first.removeprefix("# preset: ") if first.startswith("# preset: ") else None
-    return {"run_config": config, "evals": evals, "preset": preset}
+    return {"run_config": config, "evals": evals, "preset": preset_of(run.config) if run.config.is_file() else None}
 
 
 def export(source: str | Path, out: str | Path, fmt: str = "pt", entry: str = "target") -> tuple[Path, dict]:

@@ -120,7 +120,7 @@ def load_export_dir(folder: Path, entry: str = "target") -> EncoderWeights:
     if (folder / WEIGHTS_FILE).is_file():
         return load_safetensors(folder / WEIGHTS_FILE)
     if (folder / PT_FILE).is_file():
-        return load_pt(folder / EXPORT_PT_FILE, entry)
+        return load_pt(folder / PT_FILE, entry)
     raise WeightsError(f"{folder} is none of the directories scalejepa reads; tried " + "; ".join(DIRECTORY_FORMATS))
 
 
@@ -139,7 +139,7 @@ def load_step_dir(step_dir: Path, entry: str = "target") -> EncoderWeights:
             f"{step_dir} is a DeepSpeed checkpoint: only its target encoder is stored as plain weights "
             "(convert the context encoder with DeepSpeed's zero_to_fp32.py)"
         )
-    weights = load_pt(step_dir / DEEPSPEED_TARGET_FILE, entry, run_config=_step_config(step_dir))
+    weights = load_pt(step_dir / DEEPSPEED_TARGET_FILE, entry, run_config=step_config(step_dir))
     weights.step = step_of(step_dir)
     weights.licence, weights.run_dir = step_provenance(step_dir)
     return weights
@@ -183,7 +183,7 @@ def load_dcp_checkpoint(step_dir: str | Path, entry: str = "target") -> EncoderW
     state_dict = read_dcp_entries(step_dir, (head,))[head]
     if not state_dict:
         raise WeightsError(f"checkpoint {step_dir} holds no {head}* tensors: not a scalejepa training checkpoint")
-    config = _step_config(step_dir)
+    config = step_config(step_dir)
     data, train = config.get("data", {}), config.get("train", {})
     spec = infer_spec({k: v.shape for k, v in state_dict.items()}, mean=data.get("mean", IMAGENET_MEAN),
                       std=data.get("std", IMAGENET_STD), model=config.get("model"))
@@ -285,7 +285,7 @@ def run_licence(run: RunDir) -> str | None:
     return json.loads(run.init_from.read_text()).get("licence") if run.init_from.is_file() else None
 
 
-def _step_config(step_dir: Path) -> dict[str, Any]:
+def step_config(step_dir: Path) -> dict[str, Any]:
     """The config that wrote a step directory (kept inside it), else its run's."""
     own = step_dir / CONFIG_FILE
     return _read_yaml(own if own.is_file() else RunDir(step_dir.parent.parent).config)
