@@ -42,7 +42,7 @@ from scalejepa.config import ConfigError, ModelConfig, from_dict
 from scalejepa.eval.reference import is_reference_checkpoint, reference_entry
 from scalejepa.eval.spec import OFFICIAL_LICENCE, WeightsError, encoder_shape
 from scalejepa.eval.weights import (
-    is_step_dir,
+    checkpoint_of,
     load_weights,
     read_dcp_entries,
     read_torch_file,
@@ -60,7 +60,6 @@ from scalejepa.layout import (
     MODEL_KEY,
     TARGET_KEY,
     RunDir,
-    committed_step_dirs,
     is_committed,
     step_of,
 )
@@ -244,14 +243,9 @@ def load_init_weights(source: str | Path) -> InitWeights:
         checkpoint = read_torch_file(path)
         if is_reference_checkpoint(checkpoint):
             return _from_reference(checkpoint, str(path))
-    if path.is_dir():
-        run = RunDir(path)
-        if step_of(path) is None and run.looks_like_run():
-            found = committed_step_dirs(run.checkpoints)
-            if found:
-                return _from_step_dir(found[-1])
-        elif step_of(path) is not None or is_step_dir(path):
-            return _from_step_dir(path)
+    step_dir = checkpoint_of(path) if path.is_dir() else None
+    if step_dir is not None:
+        return _from_step_dir(step_dir)
     weights = load_weights(path)  # an export: one encoder; its spec names the head count
     return InitWeights(weights.source, "export", weights.state_dict,
                        heads=model_size(weights.spec.model_config()).num_heads, licence=weights.licence,

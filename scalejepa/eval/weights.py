@@ -73,11 +73,11 @@ def load_weights(path: str | Path, entry: str = "target") -> EncoderWeights:
             "or --random-init"
         )
     if path.is_dir():
+        step_dir = checkpoint_of(path)
+        if step_dir is not None:
+            return load_step_dir(step_dir, entry)
         run = RunDir(path)
-        if step_of(path) is None and run.looks_like_run():
-            found = committed_step_dirs(run.checkpoints)
-            if found:
-                return load_step_dir(found[-1], entry)
+        if run.looks_like_run():
             exported = run.export
             if exported.is_file() and entry == "target":
                 return load_pt(exported)
@@ -88,8 +88,6 @@ def load_weights(path: str | Path, entry: str = "target") -> EncoderWeights:
                 f"run directory {path} has no committed checkpoint (checkpoints/step_*/COMMITTED) "
                 f"and no export/target_encoder.pt: train it first, or pass another run or checkpoint"
             )
-        if step_of(path) is not None or is_step_dir(path):
-            return load_step_dir(path, entry)
         return load_export_dir(path, entry)
     if is_safetensors_file(path):
         return load_safetensors(path)
@@ -108,6 +106,16 @@ DIRECTORY_FORMATS = (
 
 def is_step_dir(path: Path) -> bool:
     return (path / ".metadata").is_file() or (path / DEEPSPEED_META_FILE).is_file()
+
+
+def checkpoint_of(path: Path) -> Path | None:
+    """The training checkpoint a directory names: itself if it is a step directory, a run
+    directory's newest committed one; None for anything else (or a run with none)."""
+    if step_of(path) is not None or is_step_dir(path):  # before the run check: step directories have a config.yaml
+        return path
+    run = RunDir(path)
+    found = committed_step_dirs(run.checkpoints) if run.looks_like_run() else []
+    return found[-1] if found else None
 
 
 def load_export_dir(folder: Path, entry: str = "target") -> EncoderWeights:
