@@ -92,14 +92,29 @@ def _write_safetensors(folder: Path, weights: EncoderWeights, size: VitSize, met
 WRITERS = {"pt": _write_pt, "safetensors": _write_safetensors, "hf": write_hf_dir, "timm": write_timm_dir}
 
 
-def run_facts(weights: EncoderWeights) -> dict[str, Any]:
-    """What the model card tells of the training run: its config, preset and probe results."""
+def provenance(weights: EncoderWeights) -> dict[str, Any]:
+    """What the sidecar and the model card tell of the training run the weights come from:
+    its preset, data, images seen and probe results (the run's eval_*.json)."""
     if not weights.run_dir:
         return {}
     run = RunDir(weights.run_dir)
-    config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
-    evals = {p.name: json.loads(p.read_text()) for p in sorted(run.root.glob(EVAL_RESULTS_GLOB))}
-    return {"run_config": config, "evals": evals, "preset": preset_of(run.config) if run.config.is_file() else None}
+    config = (yaml.safe_load(run.config.read_text()) or {}) if run.config.is_file() else {}
+    data, batch = config.get("data") or {}, (config.get("train") or {}).get("batch_size")
+    probes = {}
+    for path in sorted(run.root.glob(EVAL_RESULTS_GLOB)):
+        result = json.loads(path.read_text())
+        probes[path.name] = {"protocol": result.get("protocol"), "entry": result.get("entry"),
+                             "step": result.get("step"), "top1": result.get("top1"),
+                             "random_init_top1": (result.get("random_init_baseline") or {}).get("top1"),
+                             "gain_top1": result.get("gain_top1")}
+    return {
+        "preset": preset_of(run.config) if run.config.is_file() else None,
+        "data": ("synthetic images (data.synthetic)" if data.get("synthetic") else data.get("shards")
+                 or (f"built-in set {data['builtin']}" if data.get("builtin") else None)),
+        "global_batch": batch,
+        "images_seen": weights.step * batch if batch and weights.step is not None else None,
+        "probes": probes,
+    }
 
 
 def export(source: str | Path, out: str | Path, fmt: str = "pt", entry: str = "target") -> tuple[Path, dict]:
@@ -112,9 +127,9 @@ def export(source: str | Path, out: str | Path, fmt: str = "pt", entry: str = "t
     weights = load_weights(source, entry)
     if fmt == "pt" and out.suffix == ".pt":
         return write_export(weights, out, entry)
-    meta = sidecar(weights, entry)
+    meta = {**sidecar(weights, entry), "provenance": provenance(weights)}
     size = model_size(weights.spec.model_config())
-    card = model_card(weights, meta, size, fmt, folder=str(out), **run_facts(weights))
+    card = model_card(weights, meta, size, fmt, str(out))
 
     def fill(folder: Path) -> None:
         WRITERS[fmt](folder, weights, size, meta)

@@ -146,6 +146,21 @@ def test_a_head_count_that_differs_is_an_error(sources, tmp_path, capsys):
     assert "model.arch=custom model.width=128 model.depth=4 model.heads=8 model.mlp_ratio=4" in err
 
 
+def test_a_predictor_head_count_that_differs_is_an_error(sources, tmp_path, capsys):
+    """A run's config names its predictor's head count (4, the encoder's); 2 here."""
+    err = _message(tmp_path / "run", "model.pred_heads=2", f"checkpoint.init_from={sources['step3'][0]}",
+                   capsys=capsys)
+    assert "predictor: 4 attention heads in the source, 2 in this config" in err and "model.pred_heads=4" in err
+
+
+def test_an_unfinished_checkpoint_is_refused(sources, tmp_path, capsys):
+    step = tmp_path / "step_00000003"
+    shutil.copytree(sources["step3"][0], step)
+    (step / "COMMITTED").unlink()
+    assert train_here(tmp_path / "run", f"checkpoint.init_from={step}") == 1
+    assert "has no COMMITTED marker, its save did not finish" in capsys.readouterr().err
+
+
 def test_unreadable_sources_name_what_was_tried(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not weights")
     assert train_here(tmp_path / "a", f"checkpoint.init_from={tmp_path / 'notes.txt'}") == 1

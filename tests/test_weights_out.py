@@ -187,6 +187,14 @@ def test_reference_checkpoint_to_hf_matches_the_published_conversion(tmp_path, c
 
 
 def test_model_card_describes_the_run(exports):
+    """The card, and the same provenance in the safetensors metadata's sidecar."""
+    from scalejepa.formats.safetensors_file import read_safetensors
+
+    _, meta = read_safetensors(exports["safetensors"] / "model.safetensors")
+    assert (meta["arch"], meta["entry"], meta["step"], meta["num_heads"]) == ("vit_micro", "target", 6, 4)
+    facts = meta["provenance"]
+    assert (facts["preset"], facts["images_seen"], facts["data"]) == ("debug_cpu", 48, "synthetic images (data.synthetic)")
+    assert facts["probes"]["eval_linear.json"]["top1"] == 81.25
     card = (exports["timm"] / "README.md").read_text()
     assert card.startswith("---\nlicense: other\nlibrary_name: timm\n")
     for text in ("vit_micro: width 128, depth 4, 4 heads", "the target encoder", "| Preset | `debug_cpu` |",

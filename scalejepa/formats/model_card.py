@@ -41,12 +41,10 @@ def licence_lines(licence: str | None) -> tuple[str, str]:
                      "I-JEPA checkpoints; choose a licence that the training data allows.")
 
 
-def model_card(weights: EncoderWeights, sidecar: dict[str, Any], size: VitSize, fmt: str, *, folder: str,
-               run_config: dict[str, Any] | None = None, preset: str | None = None,
-               evals: dict[str, dict[str, Any]] | None = None) -> str:
-    """The card's Markdown. ``run_config``: the training run's config (steps, batch, data);
-    ``evals``: the run's ``eval_*.json`` results by file name."""
-    spec, entry = weights.spec, sidecar["entry"]
+def model_card(weights: EncoderWeights, sidecar: dict[str, Any], size: VitSize, fmt: str, folder: str) -> str:
+    """The card's Markdown, from the weights and their sidecar (with its ``provenance``:
+    :func:`scalejepa.export.provenance`)."""
+    spec, entry, facts = weights.spec, sidecar["entry"], sidecar.get("provenance") or {}
     front_licence, licence_text = licence_lines(weights.licence)
     rows = [
         ("Architecture", f"{spec.arch}: width {size.embed_dim}, depth {size.depth}, {size.num_heads} heads, MLP "
@@ -55,18 +53,14 @@ def model_card(weights: EncoderWeights, sidecar: dict[str, Any], size: VitSize, 
         ("Encoder", _ENCODER[entry]),
         ("Source", f"`{weights.source}`"),
     ]
-    if preset:
-        rows.append(("Preset", f"`{preset}`"))
-    train = (run_config or {}).get("train", {})
+    if facts.get("preset"):
+        rows.append(("Preset", f"`{facts['preset']}`"))
     if weights.step is not None:
-        seen = f", {weights.step * train['batch_size']:,} images seen (global batch {train['batch_size']})" \
-            if train.get("batch_size") else ""
+        seen = (f", {facts['images_seen']:,} images seen (global batch {facts['global_batch']})"
+                if facts.get("images_seen") else "")
         rows.append(("Training", f"step {weights.step:,}{seen}"))
-    data = (run_config or {}).get("data")
-    if data:
-        what = ("synthetic images (data.synthetic)" if data.get("synthetic")
-                else f"`{data['shards']}`" if data.get("shards") else f"built-in set `{data.get('builtin')}`")
-        rows.append(("Data", what))
+    if facts.get("data"):
+        rows.append(("Data", facts["data"]))
     rows += [("Input", f"resize the short side, centre crop {spec.image_size} px, normalise with mean "
                        f"{list(spec.mean)}, std {list(spec.std)}"),
              ("Licence", licence_text)]
@@ -76,15 +70,13 @@ def model_card(weights: EncoderWeights, sidecar: dict[str, Any], size: VitSize, 
              f"# I-JEPA {spec.arch} {'target' if entry == 'target' else 'context'} encoder", "",
              "Exported by `scalejepa-export` (format `{}`).".format(fmt), "", "| | |", "| --- | --- |"]
     lines += [f"| {name} | {text} |" for name, text in rows]
-    if evals:
+    if facts.get("probes"):
         lines += ["", "## Probe results (from the run's evaluation files)", "",
                   "| file | protocol | encoder | step | top-1 | random init top-1 | gain |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name, result in sorted(evals.items()):
-            baseline = result.get("random_init_baseline", {}).get("top1")
-            lines.append(f"| {name} | {result.get('protocol')} | {result.get('entry')} | {result.get('step')} | "
-                         f"{result.get('top1')} | {baseline if baseline is not None else '-'} | "
-                         f"{result.get('gain_top1', '-')} |")
+        for name, probe in sorted(facts["probes"].items()):
+            cells = [probe.get(k) for k in ("protocol", "entry", "step", "top1", "random_init_top1", "gain_top1")]
+            lines.append(f"| {name} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     language, code = _USAGE[fmt]
     lines += ["", "## Use", "", f"```{language}", code.format(dir=folder), "```", ""]
     return "\n".join(lines)
