@@ -137,6 +137,10 @@ class CheckpointConfig:
     interval: int = 1000  # steps; 0: only at the end
     keep: int = 3
     async_save: bool = False
+    # Weights to start from at step 0, with a fresh optimizer and schedules (--init-from sets
+    # it; kept here as the run's record of them): a reference I-JEPA .pth.tar, a run or step
+    # directory, an export, a Hugging Face IJepaModel or timm directory (scalejepa.init_from).
+    init_from: str = ""
 
 
 @dataclass
@@ -249,12 +253,22 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, prefix="")
 
 
-def config_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+PRESET_HEADER = "# preset: "  # config.yaml's first line: the preset (or YAML file) the config came from
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    atomic_write_text(path, config_yaml(config))
+def config_yaml(config: Config, preset: str = "") -> str:
+    header = f"{PRESET_HEADER}{preset}\n" if preset else ""
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def save_config(config: Config, path: str | Path, preset: str = "") -> None:
+    atomic_write_text(path, config_yaml(config, preset))
+
+
+def preset_of(config_file: str | Path) -> str | None:
+    """The preset a saved config names on its first line, if any."""
+    first = Path(config_file).read_text().partition("\n")[0]
+    return first.removeprefix(PRESET_HEADER) if first.startswith(PRESET_HEADER) else None
 
 
 # ----------------------------------------------------------------------------- checking

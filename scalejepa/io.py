@@ -9,6 +9,7 @@ the new one, never half of one.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +71,26 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_dir(path: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """``fill(folder)`` writes a directory's files into a temp folder next to ``path``; they
+    are fsynced and the folder renamed to ``path``, which must not exist or be empty. On any
+    error the temp folder is removed and ``path`` is untouched."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not an empty directory: choose a new one or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        fsync_tree(tmp)
+        if path.exists():
+            path.rmdir()
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path

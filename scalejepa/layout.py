@@ -10,6 +10,7 @@
         .metadata, *.distcp             DCP: models, optimizer and train state
         deepspeed/..., target_encoder.pt, scalejepa_deepspeed.json   DeepSpeed runs instead
     RUN/export/target_encoder.pt        plain target-encoder weights + .json sidecar (scalejepa.export)
+    RUN/init_from.json                  the weights the run started from (--init-from; scalejepa.init_from)
     RUN/profile/rank<r>.*.pt.trace.json torch.profiler traces (profile.enabled)
     RUN/run.lock                        held by rank 0 while a run is alive (scalejepa.run_lock)
     RUN/PREEMPTED                       the last run stopped on a signal, with a checkpoint (scalejepa.preempt)
@@ -32,6 +33,7 @@ EXPORT_FILE = "target_encoder.pt"
 PROFILE_DIR = "profile"
 LOCK_FILE = "run.lock"
 PREEMPTED_MARKER = "PREEMPTED"
+INIT_FROM_FILE = "init_from.json"
 
 COMMIT_MARKER = "COMMITTED"
 STEP_DIR_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -111,6 +113,10 @@ class RunDir:
     @property
     def preempted(self) -> Path:
         return self.root / PREEMPTED_MARKER
+
+    @property
+    def init_from(self) -> Path:
+        return self.root / INIT_FROM_FILE
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / step_dir_name(step)

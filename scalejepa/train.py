@@ -13,7 +13,9 @@ Several GPUs or nodes (see launch/ for multi-node and SLURM):
 
 ``--resume auto`` (the default) continues from the newest committed checkpoint in the
 run directory, ``never`` refuses a run directory that has checkpoints, a path resumes
-from that checkpoint. Overrides are ``section.key=value``; ``--help`` lists the presets.
+from that checkpoint. ``--init-from SOURCE`` starts a new run at step 0 from other weights
+(a reference checkpoint, a run, an export, a Hugging Face or timm directory; see
+scalejepa.init_from). Overrides are ``section.key=value``; ``--help`` lists the presets.
 
 Exit status: 0 done (or stopped at train.stop_at_step), 1 error, 2 config error, 75
 preempted (a signal of train.preempt_signals: checkpoint committed, ``RUN/PREEMPTED``
@@ -47,8 +49,9 @@ from scalejepa.data.pipeline import ShardDataError, SyntheticLoader, TrainLoader
 from scalejepa.data.shard_index import ShardIndexError
 from scalejepa.dist_env import DistEnv, barrier, init_distributed, shutdown_distributed
 from scalejepa.eval.monitors import collapse_metrics
-from scalejepa.eval.spec import EncoderSpec, EncoderWeights
+from scalejepa.eval.spec import EncoderSpec, EncoderWeights, WeightsError
 from scalejepa.export import write_export
+from scalejepa.init_from import init_for_run, write_record
 from scalejepa.layout import RunDir, step_of
 from scalejepa.masks import MaskGenerator
 from scalejepa.metrics import MetricsProcessor, progress_line
@@ -70,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="preset name or path to a YAML file")
     parser.add_argument("--run-dir", required=True, type=Path, help="where config, metrics, logs and checkpoints go")
     parser.add_argument("--resume", default="auto", help="auto (default) | never | PATH to a checkpoint step directory")
+    parser.add_argument("--init-from", metavar="SOURCE",
+                        help="start at step 0 from these weights: a reference I-JEPA .pth.tar, a run or checkpoint "
+                             "step directory, an export (.pt, .safetensors, scalejepa-export directory), a Hugging "
+                             "Face IJepaModel or timm directory (sets checkpoint.init_from)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3")
     return parser.parse_args(argv)
 
@@ -79,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
+        if args.init_from:
+            config.checkpoint.init_from = args.init_from
+        if config.checkpoint.init_from:  # an absolute path: the run's record of where its weights came from
+            config.checkpoint.init_from = str(Path(config.checkpoint.init_from).expanduser().absolute())
         validate(config)
     except ConfigError as exc:
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
@@ -90,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         return PREEMPTED_EXIT_CODE
     env = init_distributed(config.train.device)
     try:
-        summary = train(config, args.run_dir, args.resume, env)
+        summary = train(config, args.run_dir, args.resume, env, preset=args.config)
         barrier()
     except ConfigError as exc:  # found once the world size, grid or data are known
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteLossError, ShardIndexError, ShardDataError, FileNotFoundError,
-            RunLockedError) as exc:
+            RunLockedError, WeightsError) as exc:
         print(f"scalejepa-train: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -129,17 +140,18 @@ def run_guard(config: Config, run: RunDir, env: DistEnv) -> Iterator[PreemptionF
         lock.release()
 
 
-def train(config: Config, run_dir: Path, resume: str, env: DistEnv) -> dict:
+def train(config: Config, run_dir: Path, resume: str, env: DistEnv, preset: str = "") -> dict:
+    """``preset``: the --config the run came from, recorded in its config.yaml."""
     run = RunDir(run_dir)
     # Checks that need the world size or the patch grid, before anything is written.
     per_rank_batch = divide_batch(config.train.batch_size, env.world_size, config.train.grad_accum)
     mask_generator = MaskGenerator(config.model.image_size // config.model.patch_size, config.mask)
     with run_guard(config, run, env) as preempt:
-        return _train(config, run, resume, env, preempt, per_rank_batch, mask_generator)
+        return _train(config, run, resume, env, preempt, per_rank_batch, mask_generator, preset)
 
 
 def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: PreemptionFlag, per_rank_batch: int,
-           mask_generator: MaskGenerator) -> dict:
+           mask_generator: MaskGenerator, preset: str) -> dict:
     # ---------------------------------------------------------------- setup
     if config.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -147,9 +159,15 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
     t = config.train
     checkpointer = Checkpointer(run.checkpoints, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     resume_from = find_resume_checkpoint(checkpointer, resume)
+    init = init_for_run(config.checkpoint.init_from, run, resume, resume_from)
+    if init is not None:
+        init.check(config.model)  # names, shapes and head counts: a mismatch stops here, before any write
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
-        save_config(config, run.config)
+        save_config(config, run.config, preset)
+        write_record(init, run, resumes=resume_from is not None)
+        for note in init.notes if init is not None else ():
+            log.info("init: %s", note)
 
     # ---------------------------------------------------------------- data size and schedules
     urls, num_samples = resolve_data(config, env)
@@ -160,7 +178,8 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
     stop_step = min(t.stop_at_step or total_steps, total_steps)
 
     # ---------------------------------------------------------------- model, parallelism, optimizer
-    engine = build_engine(config, env)
+    engine = build_engine(config, env, init)
+    del init  # the models hold the weights now
 
     # ---------------------------------------------------------------- resume
     train_state = TrainState(env.rank, env.world_size)
@@ -182,7 +201,7 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
             env.world_size, per_rank_batch // t.grad_accum, t.grad_accum,
         )
     knn = build_knn_evaluator(config)
-    config_text = config_yaml(config)
+    config_text = config_yaml(config, preset)
     profiler = build_profiler(config, run, env, start_step, stop_step)
     if knn is not None and start_step == 0 and stop_step >= config.eval.knn_every:
         # the random-init value that the later kNN points are read against

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import torch
 
+from scalejepa.config import load_config
+from scalejepa.data.pipeline import SyntheticLoader
+from scalejepa.ijepa import build_models, compute_targets
+from scalejepa.init_from import FIXED_TABLES
+from scalejepa.masks import MaskGenerator
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 # Global batch 8 over 2 micro-batches: 2 ranks x 2 images x 2 accumulation steps.
@@ -28,6 +34,9 @@ LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 # AdamW divides each gradient by its running RMS, so reduction-order noise in gradients
 # near zero is amplified up to ~lr per step: seen ~8e-7 after 6 steps (peak lr 2e-3).
 PARAM_ATOL = 1e-5
+
+# --init-from runs stop after their first step, whose loss is compared; the schedules stay the run's.
+ONE_STEP = ("train.stop_at_step=1",)
 
 _reference: dict[str, Path] = {}
 
@@ -114,3 +123,32 @@ def assert_weights_close(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 def exported_target(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / "export" / "target_encoder.pt")
+
+
+def model_part(state: dict, prefix: str) -> dict:
+    """``encoder.`` or ``predictor.`` weights of a :func:`dcp_state`'s trained module."""
+    return {k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)}
+
+
+def first_loss(encoder: dict, predictor: dict | None = None, target: dict | None = None, *overrides: str) -> float:
+    """Step 1's loss of a run that starts from these weights, computed without the trainer:
+    the models built from train.seed as the trainer builds them, the weights loaded, the
+    first global batch's two micro-batches through the I-JEPA forward."""
+    config = load_config("debug_cpu", [*COMMON, *overrides])
+    torch.manual_seed(config.train.seed)
+    model, target_model = build_models(config.model, config.train.loss)
+    for module, state in ((model.encoder, encoder), (target_model, target or encoder), (model.predictor, predictor)):
+        if state is not None:
+            own = module.state_dict()
+            module.load_state_dict({**{k: own[k] for k in FIXED_TABLES if k in own}, **state})
+    grid = config.model.image_size // config.model.patch_size
+    loader = SyntheticLoader(batch_size=config.train.batch_size // config.train.grad_accum,
+                             image_size=config.model.image_size, mask_generator=MaskGenerator(grid, config.mask),
+                             seed=config.train.seed)
+    loss = torch.zeros(())
+    with torch.no_grad():
+        for _ in range(config.train.grad_accum):
+            batch = next(loader)
+            loss += model(batch.images, batch.masks, compute_targets(target_model, batch.images, batch.masks)) \
+                / config.train.grad_accum
+    return float(loss)

@@ -1,6 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# kernels/ is installed as scalejepa.kernels. With the checkout's root on sys.path (``python
+# -m pytest`` puts the working directory there) it would also be a top-level ``kernels``
+# that shadows Hugging Face's ``kernels`` package, which transformers imports to load a
+# model (the export tests). Nothing is imported from the root: scalejepa is installed.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # Triton reads TRITON_INTERPRET when a kernel is defined (at import of scalejepa.kernels), so it
 # must be set before any test module imports it: without a GPU, kernels run in the interpreter.

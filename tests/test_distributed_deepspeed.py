@@ -11,15 +11,22 @@ import torch
 
 from _distributed import (
     COMMON,
+    LOSS_ATOL,
+    LOSS_RTOL,
+    ONE_STEP,
     REPO,
     assert_losses_match,
     assert_weights_close,
     checkpoint,
     dcp_state,
     exported_target,
+    first_loss,
+    losses,
+    model_part,
     reference,
     subprocess_env,
     torchrun,
+    train_here,
 )
 
 from scalejepa.layout import DEEPSPEED_SUBDIR
@@ -56,6 +63,29 @@ def test_zero_two_ranks_match_one_process(tmp_path_factory, zero_run):
     exported = exported_target(run_dir)
     assert list(exported) == list(exported_target(ref))
     assert_weights_close(exported, exported_target(ref))
+
+
+def test_a_zero_checkpoint_initialises_a_one_process_run(tmp_path_factory, zero_run):
+    """--init-from a DeepSpeed step directory: its target file and DeepSpeed's zero_to_fp32
+    for the trained module; they match the one-process run's weights, and so its first loss."""
+    _, run_dir = zero_run
+    want = dcp_state(checkpoint(reference(tmp_path_factory)))
+    init_dir = tmp_path_factory.mktemp("init_from_zero") / "run"
+    assert train_here(init_dir, *ONE_STEP, f"checkpoint.init_from={checkpoint(run_dir)}") == 0
+    expected = first_loss(model_part(want, "encoder."), model_part(want, "predictor."), want["target"])
+    assert abs(losses(init_dir)[1] - expected) <= 1e-5 * abs(expected)
+
+
+def test_init_from_an_export_into_zero3(tmp_path_factory):
+    """Loaded on the CPU on every rank before deepspeed.initialize partitions it (and the
+    target's forward-only engine): the first loss of those weights."""
+    export = reference(tmp_path_factory) / "export" / "target_encoder.pt"
+    run_dir = tmp_path_factory.mktemp("zero3_init") / "run"
+    proc = torchrun(run_dir, 2, "distributed.backend=deepspeed", "distributed.zero_stage=3", *ONE_STEP,
+                    f"checkpoint.init_from={export}")
+    assert "init: the source has no predictor: it starts fresh" in proc.stderr
+    want = first_loss(torch.load(export))
+    assert abs(losses(run_dir)[1] - want) <= LOSS_ATOL + LOSS_RTOL * abs(want)
 
 
 @pytest.mark.parametrize("zero_run", [2], indirect=True, ids=["zero2"])

@@ -68,10 +68,16 @@ def decode_random_crop(
     return np.asarray(image)
 
 
+def eval_resize(size: int) -> int:
+    """The short side the evaluation transform resizes to before its central ``size`` crop
+    (size * 256 / 224: 256 for 224, as the paper's protocol)."""
+    return int(round(size * 256 / 224))
+
+
 def decode_center_crop(data: bytes, size: int, resize: int | None = None) -> np.ndarray:
-    """Evaluation transform: resize the short side to ``resize`` (default size * 256 / 224),
-    then a central ``size`` crop; (size, size, 3) uint8."""
-    resize = resize or int(round(size * 256 / 224))
+    """Evaluation transform: resize the short side to ``resize`` (default :func:`eval_resize`),
+    bilinear, then a central ``size`` crop; (size, size, 3) uint8."""
+    resize = resize or eval_resize(size)
     image = Image.open(io.BytesIO(data))
     if image.format == "JPEG":
         image.draft("RGB", (resize, resize))

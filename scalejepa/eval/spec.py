@@ -22,6 +22,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIDECAR_FORMAT = "scalejepa-encoder"
 SIDECAR_VERSION = 1
+# The official I-JEPA checkpoints' licence, which weights derived from them carry.
+OFFICIAL_LICENCE = "cc-by-nc-4.0"
 # Wrapper components that never belong to a parameter name: DDP/DeepSpeed (module.),
 # torch.compile (_orig_mod.), activation checkpointing (_checkpoint_wrapped_module.).
 _WRAPPER_PARTS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
@@ -74,6 +76,10 @@ class EncoderWeights:
     source: str
     step: int | None = None
     seed: int = 0  # the run's train.seed when known: the random-init baseline reuses it
+    # Provenance for exports and model cards: the licence of weights derived from the
+    # official I-JEPA checkpoints (OFFICIAL_LICENCE), the training run they come from.
+    licence: str | None = None
+    run_dir: str | None = None
 
 
 # ----------------------------------------------------------------------------- names and shapes
@@ -90,12 +96,32 @@ def strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-               model: Mapping[str, Any] | None = None) -> EncoderSpec:
-    """Architecture, patch size and input size from encoder parameter shapes (our names).
+@dataclass(frozen=True)
+class EncoderShape:
+    """What an encoder state dict's tensor shapes say of its architecture. The head count
+    is not among them: it comes from a config, a sidecar or a named size."""
 
-    ``model``: the run's ``model`` config section or an export's sidecar, when known; with
-    ``arch: custom`` it supplies the shape (checked against the weights)."""
+    width: int
+    depth: int
+    mlp_hidden: int | None  # None when the weights have no block
+    patch_size: int
+    in_chans: int
+    image_size: int
+
+    def named_arch(self) -> str | None:
+        """The named size with this width, depth and MLP width, if any."""
+        for arch, size in VIT_SIZES.items():
+            if (size.embed_dim, size.depth) == (self.width, self.depth) and self.mlp_hidden in (None, size.mlp_hidden_dim):
+                return arch
+        return None
+
+    def describe(self) -> str:
+        return (f"width {self.width}, depth {self.depth}, MLP {self.mlp_hidden}, patch {self.patch_size}, "
+                f"{self.image_size} px, {self.in_chans} channels")
+
+
+def encoder_shape(shapes: Mapping[str, Sequence[int]]) -> EncoderShape:
+    """The :class:`EncoderShape` of encoder parameter shapes in our names."""
     for needed in ("patch_embed.proj.weight", "pos_embed"):
         if needed not in shapes:
             raise WeightsError(
@@ -103,21 +129,33 @@ def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=I
                 "this is not a ViT encoder state dict"
             )
     dim, in_chans, patch, _ = shapes["patch_embed.proj.weight"]
-    num_patches = shapes["pos_embed"][-2]
-    grid = int(round(num_patches**0.5))
+    grid = int(round(shapes["pos_embed"][-2] ** 0.5))
     depth = len({int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))})
     hidden = shapes.get("blocks.0.mlp.fc1.weight", (None,))[0]
+    return EncoderShape(int(dim), depth, None if hidden is None else int(hidden), int(patch), int(in_chans),
+                        grid * int(patch))
+
+
+def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               model: Mapping[str, Any] | None = None) -> EncoderSpec:
+    """Architecture, patch size and input size from encoder parameter shapes (our names).
+
+    ``model``: the run's ``model`` config section or an export's sidecar, when known; with
+    ``arch: custom`` it supplies the shape (checked against the weights)."""
+    shape = encoder_shape(shapes)
+    dim, depth, hidden = shape.width, shape.depth, shape.mlp_hidden
+    common = (shape.image_size, shape.patch_size, shape.in_chans, tuple(mean), tuple(std))
     if model and model.get("arch") == "custom":
-        custom = EncoderSpec("custom", grid * patch, patch, in_chans, tuple(mean), tuple(std), int(model["width"]),
-                             int(model["depth"]), int(model["heads"]), float(model.get("mlp_ratio", 4.0)))
+        custom = EncoderSpec("custom", *common, int(model["width"]), int(model["depth"]), int(model["heads"]),
+                             float(model.get("mlp_ratio", 4.0)))
         size = model_size(custom.model_config())
         if (size.embed_dim, size.depth) != (dim, depth) or hidden not in (None, size.mlp_hidden_dim):
             raise WeightsError(f"the weights (width {dim}, depth {depth}, MLP {hidden}) are not the custom shape "
                                f"their config names ({size})")
         return custom
-    for arch, size in VIT_SIZES.items():
-        if (size.embed_dim, size.depth) == (dim, depth) and hidden in (None, size.mlp_hidden_dim):
-            return EncoderSpec(arch, grid * patch, patch, in_chans, tuple(mean), tuple(std))
+    arch = shape.named_arch()
+    if arch is not None:
+        return EncoderSpec(arch, *common)
     raise WeightsError(
         f"no known architecture has width {dim}, depth {depth} and MLP width {hidden}; known: "
         + ", ".join(f"{a} ({s.embed_dim}x{s.depth})" for a, s in VIT_SIZES.items())
@@ -125,6 +163,19 @@ def infer_spec(shapes: Mapping[str, Sequence[int]], *, mean=IMAGENET_MEAN, std=I
         "which name its head count"
     )
 
+
+def spec_with_heads(shapes: Mapping[str, Sequence[int]], heads: int, *, mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD) -> EncoderSpec:
+    """The spec of encoder weights whose head count a config names (a Hugging Face or timm
+    config, a sidecar): the named size when its head count agrees, else a custom shape."""
+    shape = encoder_shape(shapes)
+    arch = shape.named_arch()
+    if arch is not None and VIT_SIZES[arch].num_heads == heads:
+        return infer_spec(shapes, mean=mean, std=std)
+    hidden = shape.mlp_hidden or 4 * shape.width
+    model = {"arch": "custom", "width": shape.width, "depth": shape.depth, "heads": heads,
+             "mlp_ratio": hidden / shape.width}
+    return infer_spec(shapes, mean=mean, std=std, model=model)
 
 
 def check_fits(weights: EncoderWeights) -> None:

@@ -4,9 +4,10 @@ device), fsdp2 (:mod:`scalejepa.parallel.fsdp`) or deepspeed
 (:mod:`scalejepa.parallel.deepspeed`).
 
 The sequence is the same for every backend: seed, build the models on the CPU (so every
-world size starts from the weights of a one-process run), per-block activation
-checkpointing and compile, then the backend's wrapping, which also builds the optimizer
-on the wrapped parameters.
+world size starts from the weights of a one-process run), load ``--init-from`` weights
+into them (still plain modules on the CPU), per-block activation checkpointing and
+compile, then the backend's wrapping, which also builds the optimizer on the wrapped
+parameters.
 
 ``scalejepa.plan`` builds the same engine with ``meta_init=True`` under a
 ``FakeTensorMode``: the models are built on the meta device, wrapped, then given empty
@@ -23,6 +24,7 @@ import torch
 from scalejepa.config import Config, ConfigError
 from scalejepa.dist_env import DistEnv
 from scalejepa.ijepa import IJEPA, build_models
+from scalejepa.init_from import InitWeights
 from scalejepa.models.vit import VisionTransformer
 from scalejepa.parallel.blocks import apply_block_options
 from scalejepa.parallel.engine import Engine, TorchEngine, build_optimizer, materialize
@@ -52,9 +54,10 @@ def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: Visio
                        clip_grad=config.optim.clip_grad)
 
 
-def build_engine(config: Config, env: DistEnv, *, meta_init: bool = False) -> Engine:
-    """The engine of ``config`` on ``env``; ``meta_init``: build on the meta device for a
-    trace under ``FakeTensorMode`` (``scalejepa.plan``; no kernel runs, so no device check)."""
+def build_engine(config: Config, env: DistEnv, init: InitWeights | None = None, *, meta_init: bool = False) -> Engine:
+    """The engine of ``config`` on ``env``. ``init``: weights to start from (checked against
+    the config beforehand). ``meta_init``: build on the meta device for a trace under
+    ``FakeTensorMode`` (``scalejepa.plan``; no kernel runs, so no device check)."""
     if not meta_init:
         check_device_support(config, env.device)
     backend = config.distributed.backend
@@ -69,6 +72,8 @@ def build_engine(config: Config, env: DistEnv, *, meta_init: bool = False) -> En
     torch.manual_seed(config.train.seed)
     with torch.device("meta") if meta_init else contextlib.nullcontext():
         model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
+    if init is not None:
+        init.apply(model, target)
     d = config.distributed
     apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
     return wrap(config, env, model, target)
