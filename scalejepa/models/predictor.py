@@ -54,9 +54,12 @@ class Predictor(nn.Module):
         from scalejepa import kernels
 
         x = self.predictor_embed(context)
-        args = (x, masks.context.index, masks.context.seqs.cu_seqlens, masks.target_index,
-                masks.target_seqs.cu_seqlens, self.mask_token.view(-1).to(x.dtype),
-                self.predictor_pos_embed[0].to(x.dtype))
+        # The promoted dtype: under bf16 autocast the residual stream is fp32, as in the
+        # reference (its fp32 mask tokens promote the concatenation) and the encoders.
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.mask_token.dtype),
+                                    self.predictor_pos_embed.dtype)
+        args = (x.to(dtype), masks.context.index, masks.context.seqs.cu_seqlens, masks.target_index,
+                masks.target_seqs.cu_seqlens, self.mask_token.view(-1).to(dtype), self.predictor_pos_embed[0].to(dtype))
         # The packed layout (offsets, longest sequence) is known on the host from the
         # collator, masks.predictor_seqs; the builders return the same offsets.
         if self.attn_impl == "triton":

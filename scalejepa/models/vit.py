@@ -133,12 +133,18 @@ class VisionTransformer(nn.Module):
 
 
 def gather_with_pos(x: torch.Tensor, keep: TokenSelection, pos_embed: torch.Tensor, impl: str) -> torch.Tensor:
-    """Kept tokens of each image, packed, with their position embeddings added."""
+    """Kept tokens of each image, packed, with their position embeddings added.
+
+    The sum is in the promoted dtype, as ``x + pos_embed`` is for all patches: under bf16
+    autocast (bf16 patch tokens, fp32 buffer) the residual stream starts in fp32 in both
+    encoders, so the context encoder computes what the target encoder does on its tokens."""
     from scalejepa import kernels
 
+    dtype = torch.promote_types(x.dtype, pos_embed.dtype)
+    x, pos_embed = x.to(dtype), pos_embed.to(dtype)
     if impl == "triton":
-        return kernels.gather_tokens(x, keep.index, keep.seqs.cu_seqlens, pos_embed.to(x.dtype), validate=False)
-    return kernels.gather_tokens_reference(x, keep.index, keep.seqs.cu_seqlens, pos_embed.to(x.dtype))
+        return kernels.gather_tokens(x, keep.index, keep.seqs.cu_seqlens, pos_embed, validate=False)
+    return kernels.gather_tokens_reference(x, keep.index, keep.seqs.cu_seqlens, pos_embed)
 
 
 def count_parameters(module: nn.Module) -> int:
