@@ -151,6 +151,9 @@ class DistributedConfig:
     shard_group_size: int = 0
     activation_checkpointing: bool = False
     compile: bool = False
+    # torch.compile backend of every block: inductor (generated, fused kernels); aot_eager
+    # traces forward and backward without generating code (fast to build: tests, debugging).
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     # DeepSpeed
     zero_stage: Literal[1, 2, 3] = 2
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .init import init_vit_weights
-from .layers import Block, sincos_pos_embed_2d
+from .layers import Block, prepare_layout, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
@@ -66,6 +66,7 @@ class Predictor(nn.Module):
             x, _ = kernels.build_predictor_input(*args, validate=False)
         else:
             x, _ = kernels.build_predictor_input_reference(*args)
+        prepare_layout(masks.predictor_seqs, x.shape[0], self.attn_impl)
         for block in self.predictor_blocks:
             x = block(x, masks.predictor_seqs)
         x = self.predictor_norm(x).index_select(0, masks.predictor_target_rows)

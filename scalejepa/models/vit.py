@@ -15,7 +15,7 @@ from torch import nn
 from scalejepa.config import ModelConfig, check_model_shape
 
 from .init import init_vit_weights
-from .layers import Block, PatchEmbed, Seqs, sincos_pos_embed_2d
+from .layers import Block, PatchEmbed, Seqs, prepare_layout, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class VisionTransformer(nn.Module):
         self.arch = arch
         self.embed_dim = size.embed_dim
         self.num_heads = size.num_heads
+        self.attn_impl = attn_impl
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, size.embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, size.embed_dim))
@@ -104,8 +105,9 @@ class VisionTransformer(nn.Module):
             x = (x + self.pos_embed).reshape(batch * num_patches, dim)
             seqs = Seqs.uniform(batch, num_patches, x.device)
         else:
-            x = gather_with_pos(x, keep, self.pos_embed[0], self.blocks[0].attn.attn_impl)
+            x = gather_with_pos(x, keep, self.pos_embed[0], self.attn_impl)
             seqs = keep.seqs
+        prepare_layout(seqs, x.shape[0], self.attn_impl)
         for block in self.blocks:
             x = block(x, seqs)
         return self.norm(x)
@@ -124,6 +126,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)
         x = (x + self.pos_embed).reshape(batch * self.num_patches, self.embed_dim)
         seqs = Seqs.uniform(batch, self.num_patches, x.device)
+        prepare_layout(seqs, x.shape[0], self.attn_impl)
         pooled = []
         for i, block in enumerate(self.blocks):
             x = block(x, seqs)

@@ -59,5 +59,6 @@ def build_engine(config: Config, env: DistEnv) -> Engine:
     torch.manual_seed(config.train.seed)
     model, target = build_models(config.model, config.train.loss)  # on the CPU: identical on every rank
     d = config.distributed
-    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
+    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile,
+                        compile_backend=d.compile_backend)
     return wrap(config, env, model, target)

@@ -34,6 +34,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: 
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
 
 
+def prepare_layout(seqs: Seqs, total: int, impl: str) -> None:
+    """Build the index tensors that ``attend(..., impl)`` reads from ``seqs`` now, before
+    the blocks: a compiled block then finds them in the cache (the same guards for every
+    block and step) and never builds them itself. ``total``: the packed token count."""
+    if impl in ("sdpa", "eager") and seqs.uniform_len is None:
+        seqs.padding(total)
+    elif impl == "flex":
+        _flex_block_mask(seqs, total, seqs.device)
+
+
 def _sdpa(q, k, v, seqs: Seqs) -> torch.Tensor:
     return _padded(q, k, v, seqs, F.scaled_dot_product_attention)
 
@@ -49,32 +59,40 @@ def _padded(q, k, v, seqs: Seqs, attention) -> torch.Tensor:
     """Dense attention on an (S, H, L, hd) view: directly when all lengths are equal,
     else padded to the longest sequence with a key mask."""
     total, heads, head_dim = q.shape
+    # Sizes come from tensor shapes, not from the host ints of ``seqs``: a compiled block
+    # sees one symbolic length instead of a new constant (and a recompile) every batch.
     if seqs.uniform_len is not None:
-        shape = (seqs.num_seqs, seqs.uniform_len, heads, head_dim)
+        shape = (seqs.num_seqs, -1, heads, head_dim)
         out = attention(*(t.reshape(shape).transpose(1, 2) for t in (q, k, v)))
         return out.transpose(1, 2).reshape(total, heads, head_dim)
     rows, keep = seqs.padding(total)
+    num_seqs, longest = keep.shape
     padded = []
     for t in (q, k, v):
-        buf = t.new_zeros(seqs.num_seqs * seqs.max_seqlen, heads, head_dim)
+        buf = t.new_zeros(num_seqs * longest, heads, head_dim)
         buf = buf.index_copy(0, rows, t)
-        padded.append(buf.view(seqs.num_seqs, seqs.max_seqlen, heads, head_dim).transpose(1, 2))
+        padded.append(buf.view(num_seqs, longest, heads, head_dim).transpose(1, 2))
     out = attention(*padded, attn_mask=keep[:, None, None, :])
     return out.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, rows)
 
 
-def _flex(q, k, v, seqs: Seqs) -> torch.Tensor:
+def _flex_block_mask(seqs: Seqs, total: int, device: torch.device):
+    """The document mask of the packed sequence (tokens attend within their own sequence)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    total = q.shape[0]
-    seq_ids = seqs.token_seq_ids(total)
+    def build():
+        seq_ids = seqs.token_seq_ids(total)
 
-    def same_sequence(b, h, q_idx, kv_idx):
-        return seq_ids[q_idx] == seq_ids[kv_idx]
+        def same_sequence(b, h, q_idx, kv_idx):
+            return seq_ids[q_idx] == seq_ids[kv_idx]
 
-    block_mask = seqs.cached(
-        f"flex{total}", lambda: create_block_mask(same_sequence, None, None, total, total, device=q.device)
-    )
+        return create_block_mask(same_sequence, None, None, total, total, device=device)
+
+    return seqs.cached("flex", build)
+
+
+def _flex(q, k, v, seqs: Seqs) -> torch.Tensor:
+    block_mask = _flex_block_mask(seqs, q.shape[0], q.device)
     out = _flex_fn(q.device)(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=block_mask)
     return out.squeeze(0).transpose(0, 1)
 
