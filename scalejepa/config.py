@@ -44,9 +44,17 @@ class ModelConfig:
     pred_dim: int = 384
     pred_heads: int = 0  # 0: as many heads as the encoder (the reference's choice)
     # How attention runs: PyTorch SDPA (dense, or padded to the longest sequence when
-    # lengths differ), the Triton varlen kernels, FlexAttention with a document mask, or
-    # eager softmax(QK^T)V as the reference code (a baseline for benchmarks).
-    attn_impl: Literal["sdpa", "triton", "flex", "eager"] = "sdpa"
+    # lengths differ), this project's Triton varlen kernels (and fused gathers),
+    # FlexAttention with a document mask, SDPA on nested jagged tensors (packed),
+    # torch.nn.attention.varlen (CUDA, torch >= 2.10), or eager softmax(QK^T)V as the
+    # reference code (a baseline for benchmarks). The library paths are kept selectable so
+    # that one measured within 3% of triton's speed (benchmarks/attention.py) can take
+    # its place (the rule is in that script's docstring).
+    attn_impl: Literal["sdpa", "triton", "flex", "eager", "sdpa_nested", "torch_varlen"] = "sdpa"
+    # The kernel SDPA may use (attn_impl sdpa, sdpa_nested): auto lets PyTorch pick per call
+    # (cuDNN builds a plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); flash
+    # has no key mask (padded SDPA needs efficient, cudnn or math); on CPU: flash or math.
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
 
 
 @dataclass

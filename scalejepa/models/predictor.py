@@ -25,6 +25,7 @@ class Predictor(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         attn_impl: str = "sdpa",
+        sdpa_backend: str = "auto",
     ):
         super().__init__()
         self.grid_size = int(round(num_patches**0.5))
@@ -36,7 +37,7 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
         self.register_buffer("predictor_pos_embed", torch.zeros(1, num_patches, pred_dim))
         self.predictor_blocks = nn.ModuleList(
-            Block(pred_dim, num_heads, int(pred_dim * mlp_ratio), attn_impl) for _ in range(depth)
+            Block(pred_dim, num_heads, int(pred_dim * mlp_ratio), attn_impl, sdpa_backend) for _ in range(depth)
         )
         self.predictor_norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)

@@ -66,8 +66,10 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         attn_impl: str = "sdpa",
         size: VitSize | None = None,
+        sdpa_backend: str = "auto",
     ):
-        """``size``: the shape of a custom architecture (``model_size``); default: the named size ``arch``."""
+        """``size``: the shape of a custom architecture (``model_size``); default: the named size ``arch``.
+        ``attn_impl``, ``sdpa_backend``: how attention runs (``layers.attention.attend``)."""
         super().__init__()
         if size is None:
             if arch not in VIT_SIZES:
@@ -81,7 +83,8 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.patch_embed.num_patches
         self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, size.embed_dim))
         self.blocks = nn.ModuleList(
-            Block(size.embed_dim, size.num_heads, size.mlp_hidden_dim, attn_impl) for _ in range(size.depth)
+            Block(size.embed_dim, size.num_heads, size.mlp_hidden_dim, attn_impl, sdpa_backend)
+            for _ in range(size.depth)
         )
         self.norm = nn.LayerNorm(size.embed_dim, eps=1e-6)
         self.init_weights()

@@ -10,6 +10,7 @@ on the wrapped parameters."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -24,12 +25,21 @@ from scalejepa.parallel.precision import autocast_dtype
 
 
 def check_device_support(config: Config, device: torch.device) -> None:
-    if config.model.attn_impl == "flex" and device.type == "cpu":
+    impl, sdpa_backend = config.model.attn_impl, config.model.sdpa_backend
+    if impl == "flex" and device.type == "cpu":
         raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use sdpa")
-    if config.model.attn_impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(
             "model.attn_impl=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; for tests): use sdpa"
         )
+    if impl == "torch_varlen":
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            raise ConfigError(f"model.attn_impl=torch_varlen needs torch >= 2.10 (this is {torch.__version__}): "
+                              "use triton or sdpa")
+        if device.type != "cuda":
+            raise ConfigError("model.attn_impl=torch_varlen runs FlashAttention's CUDA kernel only: on CPU use sdpa")
+    if device.type == "cpu" and sdpa_backend in ("efficient", "cudnn"):
+        raise ConfigError(f"model.sdpa_backend={sdpa_backend} has no CPU kernel: on CPU use auto, flash or math")
 
 
 def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: VisionTransformer) -> TorchEngine:
