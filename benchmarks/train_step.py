@@ -4,14 +4,21 @@ memory, and the GPU-hours projection against the paper's 1152 A100-hour budget.
 Every variant is built by ``scalejepa.parallel.build_engine`` from the preset plus config
 overrides and stepped by ``scalejepa.step.train_step``, the training loop's own step
 (forward + backward, the finite-loss check, optimizer step, EMA), on synthetic images (random, made on
-the device before timing) with real masks (one distinct mask batch per step, drawn before
-timing): data loading is excluded unless ``--loader`` is given. Variants, side by side:
+the device before timing) with real masks: a fixed pool of ``--mask-pool`` mask batches, drawn
+before timing, that the steps cycle through, as a long run's shapes repeat (a backend that
+prepares per shape, such as cuDNN's SDPA plans or an autotuner, pays it during warm-up, which
+covers the pool). Data loading is excluded unless ``--loader`` is given. SDPA's backend is
+pinned per variant (``model.sdpa_backend``; flash unless named), and one profiled step after
+the timed ones records what ran (``attention_ran``: backends, operators, kernels). Variants:
 
 ================================  ==============================================================
-``truncate_sdpa``                 batch-min truncation (the reference masks), SDPA: the default
+``truncate_sdpa``                 batch-min truncation (the reference masks), SDPA (flash): the default
+``truncate_sdpa_cudnn``           truncation, SDPA pinned to cuDNN, TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1
 ``truncate_triton``               truncation, Triton attention and gathers
-``pack_triton``                   every sampled context token kept, packed varlen (Triton)
-``pack_sdpa``                     packed contexts, SDPA padded to the batch's longest
+``pack_triton``                   every sampled context token kept, packed varlen (Triton): the headline
+``pack_sdpa``                     packed contexts, SDPA (efficient: flash takes no mask) padded to the longest
+``pack_sdpa_nested``              packed contexts, SDPA (flash) on nested jagged tensors
+``pack_torch_varlen``             packed contexts, torch.nn.attention.varlen
 ``truncate_sdpa_compile``         + ``torch.compile`` of every block
 ``truncate_triton_compile``       Triton + compile
 ``pack_triton_compile``           pack + Triton + compile
@@ -83,6 +90,7 @@ from _common import (  # noqa: E402
     RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, provenance_line,
     pyplot, save_figure, write_json, write_report,
 )
+from _profile import attention_ran, profiled  # noqa: E402
 from _reference_ijepa import DEFAULT_REFERENCE_DIR  # noqa: E402
 
 ensure_importable()
@@ -103,35 +111,45 @@ class Variant:
     description: str
     reference_recipe: bool = False  # per-parameter EMA loop + non-fused AdamW
     reference_code: bool = False
+    env: dict = field(default_factory=dict)  # environment variables the variant runs under
     tags: dict = field(default_factory=dict)
 
 
 def _v(name, overrides, description, **kw) -> Variant:
     context = next((o.split("=")[1] for o in overrides if o.startswith("mask.context=")), "truncate")
     attn = next((o.split("=")[1] for o in overrides if o.startswith("model.attn_impl=")), "sdpa")
-    tags = {"context": context, "attn_impl": attn,
+    sdpa_backend = next((o.split("=")[1] for o in overrides if o.startswith("model.sdpa_backend=")), "auto")
+    tags = {"context": context, "attn_impl": attn, "sdpa_backend": sdpa_backend,
             "backend": next((o.split("=")[1] for o in overrides if o.startswith("distributed.backend=")), "none"),
             "compile": "distributed.compile=true" in overrides,
             "activation_checkpointing": "distributed.activation_checkpointing=true" in overrides}
     return Variant(name, overrides, description, tags=tags, **kw)
 
 
+FLASH = "model.sdpa_backend=flash"
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    _v("truncate_sdpa", ["mask.context=truncate", "model.attn_impl=sdpa"], "truncation, SDPA (default)"),
+    _v("truncate_sdpa", ["mask.context=truncate", "model.attn_impl=sdpa", FLASH], "truncation, SDPA (flash, default)"),
+    _v("truncate_sdpa_cudnn", ["mask.context=truncate", "model.attn_impl=sdpa", "model.sdpa_backend=cudnn"],
+       "truncation, SDPA pinned to cuDNN", env={"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}),
     _v("truncate_triton", ["mask.context=truncate", "model.attn_impl=triton"], "truncation, Triton kernels"),
     _v("pack_triton", ["mask.context=pack", "model.attn_impl=triton"], "full contexts packed, Triton varlen"),
-    _v("pack_sdpa", ["mask.context=pack", "model.attn_impl=sdpa"], "full contexts, SDPA padded to longest"),
-    _v("truncate_sdpa_compile", ["mask.context=truncate", "model.attn_impl=sdpa", "distributed.compile=true"],
+    _v("pack_sdpa", ["mask.context=pack", "model.attn_impl=sdpa", "model.sdpa_backend=efficient"],
+       "full contexts, SDPA (efficient) padded to longest"),
+    _v("pack_sdpa_nested", ["mask.context=pack", "model.attn_impl=sdpa_nested", FLASH],
+       "full contexts packed, SDPA (flash) on nested jagged tensors"),
+    _v("pack_torch_varlen", ["mask.context=pack", "model.attn_impl=torch_varlen"],
+       "full contexts packed, torch.nn.attention.varlen"),
+    _v("truncate_sdpa_compile", ["mask.context=truncate", "model.attn_impl=sdpa", FLASH, "distributed.compile=true"],
        "truncation, SDPA, torch.compile"),
     _v("truncate_triton_compile", ["mask.context=truncate", "model.attn_impl=triton", "distributed.compile=true"],
        "truncation, Triton, torch.compile"),
     _v("pack_triton_compile", ["mask.context=pack", "model.attn_impl=triton", "distributed.compile=true"],
        "pack, Triton, torch.compile"),
-    _v("truncate_sdpa_ac", ["mask.context=truncate", "model.attn_impl=sdpa",
+    _v("truncate_sdpa_ac", ["mask.context=truncate", "model.attn_impl=sdpa", FLASH,
                             "distributed.activation_checkpointing=true"], "truncation, SDPA, activation ckpt"),
-    _v("truncate_sdpa_fsdp2", ["mask.context=truncate", "model.attn_impl=sdpa", "distributed.backend=fsdp2"],
+    _v("truncate_sdpa_fsdp2", ["mask.context=truncate", "model.attn_impl=sdpa", FLASH, "distributed.backend=fsdp2"],
        "truncation, SDPA, FSDP2 on 1 GPU"),
-    _v("truncate_sdpa_fsdp2_ac", ["mask.context=truncate", "model.attn_impl=sdpa", "distributed.backend=fsdp2",
+    _v("truncate_sdpa_fsdp2_ac", ["mask.context=truncate", "model.attn_impl=sdpa", FLASH, "distributed.backend=fsdp2",
                                   "distributed.activation_checkpointing=true"],
        "truncation, SDPA, FSDP2 on 1 GPU, activation ckpt"),
     _v("reference_baseline", ["mask.context=truncate", "model.attn_impl=eager"],
@@ -139,8 +157,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     _v("reference_code", ["mask.context=truncate", "model.attn_impl=eager"],
        "the reference repository's code (third_party/ijepa)", reference_code=True),
 ]}
-# Triton variants take ~15 s a step in the CPU interpreter and compile ~1 min: not in the smoke default.
-SMOKE_VARIANTS = ["truncate_sdpa", "pack_sdpa", "truncate_sdpa_fsdp2", "truncate_sdpa_ac", "truncate_sdpa_fsdp2_ac",
+# Triton variants take ~15 s a step in the CPU interpreter and compile ~1 min: not in the smoke
+# default; nor are the variants whose kernels exist only on CUDA (efficient and cuDNN SDPA,
+# torch.nn.attention.varlen, flash on nested tensors).
+SMOKE_VARIANTS = ["truncate_sdpa", "truncate_sdpa_fsdp2", "truncate_sdpa_ac", "truncate_sdpa_fsdp2_ac",
                   "reference_baseline", "reference_code"]
 
 
@@ -240,7 +260,7 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
     config = variant_config(args, variant)
     batch, steps, warmup = args.batch, args.steps, args.warmup
     result: dict = {"variant": variant.name, "description": variant.description, **variant.tags,
-                    "overrides": variant.overrides, "batch": batch, "arch": config.model.arch,
+                    "overrides": variant.overrides, "env": variant.env, "batch": batch, "arch": config.model.arch,
                     "precision": "bf16" if device.type == "cuda" and config.train.precision != "fp32" else "fp32"}
     schedule = StepSchedule(config.optim.lr, config.optim.weight_decay, config.optim.ema[0])
     env = single_device_env(device)
@@ -252,13 +272,14 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
 
         ensure_process_group(env)  # the reference always runs under DDP
         arch = args.reference_arch or config.model.arch
-        runner = ReferenceRunner(args.reference_dir, config, batch, device, warmup + steps, arch=arch)
+        runner = ReferenceRunner(args.reference_dir, config, batch, device, args.mask_pool, arch=arch)
         result.update(reference_dir=str(args.reference_dir), arch=runner.arch, ddp=runner.ddp,
                       trainable_params=runner.num_params)
         if runner.arch != config.model.arch:
             result["note"] = f"reference code ran {runner.arch} (it has no {config.model.arch})"
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=runner.arch))
         losses, times, _ = timed_steps(runner.step, warmup, steps, device, variant.name)  # float(loss) syncs
+        result["attention_ran"] = attention_ran(profiled(lambda: runner.step(warmup + steps), device))
         lengths = [runner.lengths(i) for i in range(warmup + steps)]
         step_flops = [flops.step_flops(config, c, t).total for c, t in lengths]
         context_tokens = [c[0] for c, _ in lengths]
@@ -282,13 +303,16 @@ def run_variant(args, variant: Variant, device: torch.device) -> dict:
         result["ema"] = "per-parameter loop" if not getattr(engine.ema, "foreach", True) else "foreach lerp"
         result["optimizer"] = optimizer_kind(engine.optimizer)
 
-        host_masks, batches = prepare_batches(args, config, device, warmup + steps)
+        # One batch more than timed: the profiled step that records which kernels ran.
+        host_masks, batches = prepare_batches(args, config, device, warmup + steps + 1)
 
         def timed_step(i: int) -> tuple[float, float]:
             result = train_step(engine, lambda: batches(i), schedule, step=i)  # raises on a non-finite loss
             return float(result.loss), result.data_wait_s
 
         losses, times, data_s = timed_steps(timed_step, warmup, steps, device, variant.name)
+        result["attention_ran"] = attention_ran(profiled(lambda: timed_step(warmup + steps), device))
+        host_masks = host_masks[:warmup + steps]
         if args.loader:
             result["data_wait_ms_median"] = statistics.median(data_s) * 1e3
         step_flops = [flops.batch_flops(config, m).total for m in host_masks]
@@ -347,17 +371,19 @@ class SyntheticBatch:
 
 
 def prepare_batches(args, config: Config, device: torch.device, count: int):
-    """(host masks of every step, fn(step) -> a batch with ``.images`` and device ``.masks``).
-    Synthetic: random images made before timing and one distinct mask batch per step;
-    ``--loader``: the real TrainLoader (its masks are read from each batch as it comes)."""
+    """(host masks of each of ``count`` steps, fn(step) -> a batch with ``.images`` and device
+    ``.masks``). Synthetic: random images made before timing; step i takes mask batch
+    ``i % --mask-pool`` of a pool drawn before timing; ``--loader``: the real TrainLoader
+    (its masks are read from each batch as it comes)."""
     if args.loader:
         return loader_batches(args, config, device, count)
-    host = draw_masks(config, args.batch, count, args.seed)
-    device_masks = [m.to(device) for m in host]
+    pool = draw_masks(config, args.batch, args.mask_pool, args.seed)
+    device_masks = [m.to(device) for m in pool]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     size = config.model.image_size
     images = [torch.randn(args.batch, 3, size, size, device=device, generator=gen) for _ in range(2)]
-    return host, lambda i: SyntheticBatch(images[i % 2], device_masks[i])
+    host = [pool[i % len(pool)] for i in range(count)]
+    return host, lambda i: SyntheticBatch(images[i % 2], device_masks[i % len(pool)])
 
 
 def loader_batches(args, config: Config, device: torch.device, count: int):
@@ -421,8 +447,9 @@ def run_isolated(args, name: str, device: torch.device) -> dict:
         out = Path(tmp) / "variant.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv_for_child, "--variants", name,
                "--child-out", str(out), "--no-isolate"]
+        env = {**os.environ, **VARIANTS[name].env}
         try:
-            proc = subprocess.run(cmd, timeout=args.variant_timeout, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.run(cmd, timeout=args.variant_timeout, stderr=subprocess.PIPE, text=True, env=env)
         except subprocess.TimeoutExpired:
             return {"variant": name, "error": f"timed out after {args.variant_timeout} s (--variant-timeout)"}
         sys.stderr.write(proc.stderr[-4000:])
@@ -436,6 +463,8 @@ def run_isolated(args, name: str, device: torch.device) -> dict:
 
 def run_one(args, name: str, device: torch.device) -> dict:
     progress(f"variant {name}: {VARIANTS[name].description}")
+    saved_env = {k: os.environ.get(k) for k in VARIANTS[name].env}
+    os.environ.update(VARIANTS[name].env)  # an isolated child was started with them already
     try:
         result = run_variant(args, VARIANTS[name], device)
     except Exception as exc:  # noqa: BLE001 - a variant that fails is a result: recorded with its message
@@ -449,6 +478,11 @@ def run_one(args, name: str, device: torch.device) -> dict:
                  f"(p10-p90 {result['step_ms_p10']:.1f}-{result['step_ms_p90']:.1f}), "
                  f"{result['tflops_per_gpu']:.2f} TFLOP/s" + (f", MFU {mfu:.1f}%" if mfu is not None else ""))
     finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if name.endswith("compile"):
             torch._dynamo.reset()
         free_memory(device)
@@ -580,6 +614,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=128, help="images per GPU")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--mask-pool", type=int, default=4,
+                   help="mask batches the steps cycle through (drawn before timing; at most --warmup)")
     p.add_argument("--variants", default="all", help="comma list of variant names, or 'all'")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every variant (repeatable)")
@@ -637,10 +673,13 @@ def main(argv=None) -> Path:
             args.preset = "debug_cpu"
         if args.batch == 128:
             args.batch = 4
-        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
+        args.warmup, args.steps, args.mask_pool = min(args.warmup, 2), min(args.steps, 2), min(args.mask_pool, 2)
         if not args.reference_arch:
             args.reference_arch = "vit_tiny"  # the reference code has no vit_micro
         os.environ.setdefault("SCALEJEPA_AUTOTUNE", "0")
+    if not args.loader and not 1 <= args.mask_pool <= max(args.warmup, 1):
+        sys.exit(f"--mask-pool {args.mask_pool} must be between 1 and --warmup {args.warmup}: warm-up steps cover "
+                 "the pool, so that no timed step meets a shape for the first time")
     if args.isolate is None:
         args.isolate = device.type == "cuda"
     threads = torch.get_num_threads()
@@ -671,13 +710,14 @@ def _main(args, device: torch.device) -> Path:
     stats = flops.mask_stats(config, args.batch)
     settings = {"preset": args.preset, "arch": config.model.arch, "image_size": config.model.image_size,
                 "patch_size": config.model.patch_size, "batch": args.batch, "warmup": args.warmup,
-                "steps": args.steps, "seed": args.seed, "overrides": args.override, "isolate": args.isolate,
+                "steps": args.steps, "mask_pool": args.mask_pool, "seed": args.seed, "overrides": args.override, "isolate": args.isolate,
                 "loader": args.loader}
     results = {
         "benchmark": "train_step", "env": env, "smoke": args.smoke, "settings": settings,
         "data": (f"real loader ({args.shards or 'scikit-image RGB photo shards of benchmarks/loader.py'}, "
                  f"{args.loader_workers} workers)"
-                 if args.loader else "synthetic images on the device, real masks (data loading excluded)"),
+                 if args.loader else f"synthetic images on the device, real masks: a pool of {args.mask_pool} mask "
+                                     "batches the steps cycle through (data loading excluded)"),
         "peak_tflops": peak,
         "flop_convention": "model FLOPs (scalejepa.flops): matmuls, 2 per multiply-add, trained parts 3x forward, "
                            "target encoder forward only; no padding, recompute or elementwise work credited",

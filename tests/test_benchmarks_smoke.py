@@ -37,13 +37,22 @@ def test_help(name, capsys):
 
 
 def test_train_step_smoke(tmp_path):
-    variants = "truncate_sdpa,reference_baseline,truncate_sdpa_fsdp2,truncate_sdpa_ac,reference_code"
+    variants = "truncate_sdpa,reference_baseline,truncate_sdpa_fsdp2,truncate_sdpa_ac,reference_code," \
+               "truncate_sdpa_cudnn"
     path = load("train_step").main(["--smoke", "--out-dir", str(tmp_path), "--variants", variants])
     data = json.loads(Path(path).read_text())
     check_env(data["env"])
     assert data["smoke"] is True and data["flop_convention"] and data["pending"] == []
+    assert data["settings"]["mask_pool"] == 2 and "pool of 2 mask batches" in data["data"]
     by_name = {v["variant"]: v for v in data["variants"]}
     assert list(by_name) == variants.split(",")
+    # SDPA pinned to flash, and the profiled step says that flash ran (the CPU's kernel).
+    for name in ("truncate_sdpa", "truncate_sdpa_fsdp2", "truncate_sdpa_ac"):
+        assert by_name[name]["sdpa_backend"] == "flash"
+        assert by_name[name]["attention_ran"]["ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert by_name["reference_baseline"]["attention_ran"]["backends"] == []  # eager matmul + softmax
+    # cuDNN has no CPU kernel: recorded with the reason, and the others still ran.
+    assert "model.sdpa_backend=cudnn has no CPU kernel" in by_name["truncate_sdpa_cudnn"]["error"]
     for name in ("truncate_sdpa", "reference_baseline"):
         v = by_name[name]
         assert len(v["raw_step_ms"]) == 2 and v["step_ms_median"] > 0 and v["img_s_per_gpu"] > 0
@@ -62,9 +71,15 @@ def test_train_step_smoke(tmp_path):
     assert ("img_s_per_gpu" in v) != ("error" in v)
     assert isinstance(v.get("error", ""), str)
     assert data["headline"]["best_variant"]
-    assert (tmp_path / data["table"]).read_text().count("\n| ") >= 6
+    assert (tmp_path / data["table"]).read_text().count("\n| ") >= 7
     if data["chart"]:
         assert (tmp_path / data["chart"]).stat().st_size > 0
+
+
+def test_train_step_mask_pool_is_covered_by_the_warm_up(tmp_path):
+    with pytest.raises(SystemExit, match="--mask-pool 2 must be between 1 and --warmup 1"):
+        load("train_step").main(["--smoke", "--out-dir", str(tmp_path), "--variants", "truncate_sdpa",
+                                 "--mask-pool", "2", "--warmup", "1"])
 
 
 def test_train_step_resumes_an_unfinished_run(tmp_path):
