@@ -97,7 +97,7 @@ def test_train_step_resumes_an_unfinished_run(tmp_path):
 
 
 def test_synthetic_path_needs_no_webdataset_braceexpand_deepspeed(tmp_path):
-    # The GPU image lacks them: block their import and run the synthetic benchmark.
+    # The GPU image lacks them: block their import and run what the GPU suite runs.
     code = f"""
 import sys
 class Block:
@@ -110,6 +110,11 @@ import train_step
 train_step.main(['--smoke', '--out-dir', {str(tmp_path)!r}, '--variants', 'truncate_sdpa'])
 import scaling
 scaling.main(['--smoke', '--out-dir', {str(tmp_path)!r}])
+import attention
+attention.main(['--smoke', '--out-dir', {str(tmp_path)!r}, '--cases', 'vith_predictor', '--no-gathers',
+                '--methods', 'triton_varlen,sdpa_padded'])
+import gpu_correctness
+assert gpu_correctness.main(['--smoke', '--out-dir', {str(tmp_path)!r}, '--override', 'model.pred_depth=1']) == 0
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
