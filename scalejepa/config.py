@@ -105,6 +105,12 @@ class OptimConfig:
     eps: float = 1e-8
     ema: tuple[float, float] = (0.996, 1.0)
     clip_grad: float = 0.0  # 0: no clipping (the reference)
+    # AdamW's kernels: fused (one kernel per step on CUDA; the CPU keeps the multi-tensor
+    # one) or foreach (torch's default multi-tensor AdamW, the reference's).
+    implementation: Literal["fused", "foreach"] = "fused"
+    # The EMA of the target encoder: one multi-tensor lerp, or the reference code's loop of
+    # one update per parameter (for benchmark baselines; backends none and fsdp2).
+    ema_impl: Literal["foreach", "loop"] = "foreach"
     # cosine: the reference schedules (cosine LR and weight decay, linear EMA ramp), which
     # depend on the total steps. wsd: warmup-stable-decay, linear warm-up, constant lr,
     # then a linear decay to final_lr over the last decay_fraction of the steps, with a

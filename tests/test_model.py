@@ -168,3 +168,18 @@ def test_attention_paths_without_a_cpu_kernel_are_refused_before_building(overri
 
     with pytest.raises(ConfigError, match=message):
         check_device_support(load_config("debug_cpu", overrides), torch.device("cpu"))
+
+
+def test_the_engine_declares_how_its_optimizer_and_ema_run():
+    """The reference recipe is configuration (torch's default AdamW, the per-parameter EMA
+    loop), and the engine says what it runs: benchmarks read it instead of its internals."""
+    from scalejepa.config import load_config
+    from scalejepa.dist_env import DistEnv
+    from scalejepa.parallel import build_engine
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    default = build_engine(load_config("debug_cpu", ["model.pred_depth=1"]), env)
+    assert default.implementation == {"optimizer": "AdamW (torch default: foreach on CUDA)", "ema": "foreach lerp"}
+    reference = build_engine(load_config("debug_cpu", ["model.pred_depth=1", "optim.implementation=foreach",
+                                                       "optim.ema_impl=loop"]), env)
+    assert reference.implementation["ema"] == "per-parameter loop"

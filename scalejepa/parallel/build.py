@@ -52,7 +52,7 @@ def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: Visio
     target.to(env.device)
     optimizer = build_optimizer(model, config.optim, env.device)
     return TorchEngine(model, target, optimizer, autocast_dtype=autocast_dtype(config, env.device),
-                       clip_grad=config.optim.clip_grad)
+                       clip_grad=config.optim.clip_grad, ema_foreach=config.optim.ema_impl == "foreach")
 
 
 def build_engine(config: Config, env: DistEnv) -> Engine:
