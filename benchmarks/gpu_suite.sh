@@ -7,8 +7,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--smoke] [--plan] [PHASE ...]
 #
-#   PHASE  setup correctness attention train_step scaling train_step_library train_step_compile loader
-#          (default: all but loader; --quick: setup correctness attention train_step, with
+#   PHASE  setup precompile correctness attention train_step scaling train_step_library train_step_compile
+#          loader (default: all but loader; --quick: setup precompile correctness attention train_step, with
 #          train_step limited to pack_triton and truncate_sdpa)
 #   --smoke  the same steps on CPU with tiny shapes (Triton interpreter) and CPU budgets: a check
 #            of the script that tests/test_gpu_suite.py times, so a slow phase shows before a GPU
@@ -77,13 +77,13 @@ while [ $# -gt 0 ]; do
     *) phases+=("$arg") ;;
     esac
 done
-ALL_PHASES=(setup correctness attention train_step scaling train_step_library train_step_compile loader)
+ALL_PHASES=(setup precompile correctness attention train_step scaling train_step_library train_step_compile loader)
 for p in "${phases[@]}"; do
     [[ " ${ALL_PHASES[*]} " == *" $p "* ]] || { echo "gpu_suite: unknown phase $p (${ALL_PHASES[*]})" >&2; exit 2; }
 done
 if [ ${#phases[@]} -eq 0 ]; then
-    if [ "$MODE" = quick ]; then phases=(setup correctness attention train_step)
-    else phases=(setup correctness attention train_step scaling train_step_library train_step_compile); fi
+    if [ "$MODE" = quick ]; then phases=(setup precompile correctness attention train_step)
+    else phases=(setup precompile correctness attention train_step scaling train_step_library train_step_compile); fi
 fi
 
 PY=${PYTHON:-python3}
@@ -127,7 +127,6 @@ OPTIONAL_STEPS=" train_step_library train_step_compile loader "
 
 steps_of_phase() {
     case "$1" in
-    setup) echo setup precompile ;;
     correctness) echo kernel_tests train_step_compare ;;
     train_step) if [ "$MODE" = quick ]; then echo train_step_headline train_step_default
                 else echo train_step_headline train_step_default train_step_rest; fi ;;

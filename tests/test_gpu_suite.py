@@ -62,8 +62,7 @@ def test_runs_from_any_directory_and_names_a_missing_package(tmp_path):
     assert versions["torch"] and versions["triton"] and "cudnn" in versions and "nccl" in versions
     assert "gpu_suite versions: torch" in ok.stdout
     summary = json.loads((tmp_path / "suite" / "gpu_suite.json").read_text())
-    assert [s["step"] for s in summary["steps"]] == ["setup", "precompile"]
-    assert json.loads((tmp_path / "suite" / "precompile_compile_check.json").read_text())["rows"]
+    assert [s["step"] for s in summary["steps"]] == ["setup"]
     missing = subprocess.run(["bash", script, "--smoke", "setup"], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120, env={**common, "SUITE_DIR": "suite2", "PYTHONPATH": str(block)})
     assert missing.returncode == 1
