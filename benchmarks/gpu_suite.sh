@@ -298,8 +298,9 @@ precompile() {  # the model's Triton variants compiled in parallel into Triton's
 kernel_tests() {
     local select=(-m gpu) opts=()
     [ "$MODE" = quick ] && select+=(-k "bf16_vs_float64 or vith_shapes")
-    # Per-test timeout: a hung kernel fails its test, and the report still gets written.
-    "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout "$(( $(budget_of kernel_tests) / 2 ))")
+    # Per-test timeout, short of the step's: a hung kernel fails its test, the other workers go on
+    # and the junit report is still written. A first compile of a head dim takes up to K x C = 26 s.
+    "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout "$(( $(budget_of kernel_tests) - 15 ))")
     opts+=(-n "$TEST_WORKERS" --dist worksteal)
     "$PY" -m pytest -q -p no:cacheprovider "${select[@]}" "${opts[@]}" \
         --junitxml="$SUITE_DIR/gpu_kernel_tests.xml" tests/test_kernels_attention.py tests/test_kernels_gather.py
