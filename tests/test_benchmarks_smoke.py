@@ -177,3 +177,18 @@ def test_reference_equivalence_without_the_reference_says_how_to_get_it(tmp_path
         load("reference_equivalence").main(["--reference-dir", str(tmp_path / "ijepa"), "--out-dir", str(tmp_path)])
     assert "git clone https://github.com/facebookresearch/ijepa" in str(exit_info.value)
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_train_step_isolates_each_variant_in_a_child(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # for _harness's `_common` import
+    harness = load("_harness")
+    argv = ["--smoke", "--variants", "a,b", "--time-budget=5", "--isolate", "--resume-json", "x.json",
+            "--out-dir", "d", "--retry-errors"]
+    assert harness.child_argv(argv) == ["--smoke", "--out-dir", "d"]
+    path = load("train_step").main(["--smoke", "--isolate", "--out-dir", str(tmp_path), "--variants",
+                                    "truncate_sdpa,truncate_sdpa_cudnn"])
+    data = json.loads(Path(path).read_text())
+    assert data["settings"]["isolate"] is True
+    measured, refused = data["variants"]
+    assert measured["img_s_per_gpu"] > 0 and measured["attention_ran"]["backends"] == ["flash"]
+    assert "no CPU kernel" in refused["error"] and refused["env"] == {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}
