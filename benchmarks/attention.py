@@ -1,14 +1,27 @@
-"""Attention at I-JEPA shapes: Triton varlen vs SDPA (padded / truncated) vs FlexAttention.
+"""Attention at I-JEPA shapes: our Triton varlen kernel vs what PyTorch offers at the same
+packed shapes (torch.nn.attention.varlen, SDPA on nested jagged tensors, cuDNN SDPA,
+FlexAttention) and vs SDPA padded / truncated.
 
 Methods, each on the same per-sequence lengths:
 - ``triton_varlen``: ``scalejepa.kernels.varlen_attention`` on the packed sequences (no padding).
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's varlen kernel;
+  CUDA, torch >= 2.10), packed.
+- ``sdpa_nested_flash`` / ``sdpa_nested_cudnn``: SDPA on nested jagged tensors made from the
+  packed tensors, the backend pinned to flash / cuDNN.
 - ``sdpa_padded``: ``F.scaled_dot_product_attention`` on the sequences padded to the batch
-  maximum, with a boolean key-padding mask (what a padded model runs). The tensors are padded
-  before timing: pad/unpad copies are not counted, which favours SDPA.
+  maximum, with a boolean key-padding mask, backend as PyTorch dispatches (what a padded model
+  runs); ``sdpa_padded_cudnn`` the same pinned to cuDNN (``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``
+  is set for it). The tensors are padded before timing: pad/unpad copies are not counted, which
+  favours SDPA.
 - ``sdpa_truncated``: SDPA on every sequence truncated to the batch minimum, no mask (what the
   reference I-JEPA computes; it also drops tokens, so it does less work).
 - ``flex_document``: FlexAttention (compiled on CUDA) over the packed sequence with a document
-  mask, block mask built before timing (skipped with a recorded reason if not importable).
+  mask, block mask built before timing.
+The packed methods run the model's own code (``scalejepa.models.layers.attention.attend``).
+A method that cannot run here (no kernel for the device, an old torch) is recorded with its
+error. Every method also records what ran (``ran``: the backends, operators and device kernels
+of one profiled call, ``_profile.py``): a pinned backend that fell back, or an unpinned one
+that picked cuDNN, shows there.
 
 Also times the fused gathers (``gather_tokens``, ``build_predictor_input``) against their
 plain-PyTorch references at ViT-H/14 shapes (``gathers`` in the JSON), to tell whether they pay.
@@ -27,10 +40,25 @@ FLOPs (stated convention, FlashAttention's): forward = 4 * sum_i(L_i^2) * head_d
 Every method is credited with the useful FLOPs of the lengths it attends over (the packed
 lengths, or the truncated ones for ``sdpa_truncated``), not with the padding it computes.
 
-Timing: CUDA events around each call after warm-up, median of ``--repeats``; backward is timed
-as ``torch.autograd.grad`` of a retained graph. Writes ``attention_<timestamp>.json`` (device,
-versions, UTC time, git commit, every raw time) and a PNG bar chart to ``--out-dir``.
-``--smoke`` runs tiny shapes on CPU (Triton interpreter) in seconds, to check the script.
+Timing: at I-JEPA shapes one call is tens of microseconds of kernel, less than the host's
+launch overhead, so one call after a sync would time Python. Each of ``--repeats`` samples
+is ``--calls`` back-to-back calls between two CUDA events (divided by ``--calls``), after
+``--warmup`` calls; the median is reported (``fwd_ms``...). The profiler's device time of
+``--calls`` calls is reported beside it (``fwd_kernel_ms``...: kernels only, launch gaps
+excluded). Backward is timed as ``torch.autograd.grad`` of a retained graph.
+
+The rule for the library paths: where one is measured on the GPU within 3% of
+``triton_varlen``'s fwd+bwd time at both ViT-H packed cases (``vith_context``,
+``vith_predictor``), it should replace our kernel as the model's packed attention
+(``model.attn_impl``/``model.sdpa_backend``, the setting it names in
+``library_within_3pct``), with ``attn_impl=triton`` kept as an option, once
+``benchmarks/train_step.py`` confirms the step's img/s. No GPU has measured it yet: the
+default stays as it is.
+
+Writes ``attention_<timestamp>.json`` (device, versions, UTC time, git commit, every raw time)
+after every case (a killed run keeps the cases it finished) and a PNG bar chart at the end
+to ``--out-dir``. ``--smoke`` runs tiny shapes on CPU (Triton interpreter) in seconds, to
+check the script.
 """
 
 from __future__ import annotations
@@ -50,10 +78,25 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, benchmark_device, environment, output_path, pyplot, save_figure, write_report  # noqa: E402
+from _common import (  # noqa: E402
+    REPO, benchmark_device, ensure_importable, environment, output_path, pyplot, save_figure, write_json, write_report,
+)
+from _profile import attention_ran, device_ms, profiled  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-METHODS = ("triton_varlen", "sdpa_padded", "sdpa_truncated", "flex_document")
+METHODS = ("triton_varlen", "torch_varlen", "sdpa_nested_flash", "sdpa_nested_cudnn", "sdpa_padded",
+           "sdpa_padded_cudnn", "sdpa_truncated", "flex_document")
+# The library paths that compute the packed attention triton_varlen does, and the setting
+# that selects each in the model (the 3% rule of the module docstring).
+LIBRARY_PATHS = {
+    "torch_varlen": "model.attn_impl=torch_varlen",
+    "sdpa_nested_flash": "model.attn_impl=sdpa_nested model.sdpa_backend=flash",
+    "sdpa_nested_cudnn": "model.attn_impl=sdpa_nested model.sdpa_backend=cudnn",
+    "sdpa_padded": "model.attn_impl=sdpa",
+    "sdpa_padded_cudnn": "model.attn_impl=sdpa model.sdpa_backend=cudnn",
+    "flex_document": "model.attn_impl=flex",
+}
+LIBRARY_MARGIN = 1.03  # within 3% of triton_varlen's fwd+bwd time
 TARGETS = {"vith_context_fwdbwd_vs_sdpa_padded": 0.8, "long_fwd_tflops": 450.0}
 
 
@@ -100,28 +143,35 @@ def attention_flops(lengths, heads: int, head_dim: int) -> float:
 
 
 # ----------------------------------------------------------------------------- timing
-def time_ms(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
+def time_ms(fn, warmup: int, repeats: int, calls: int, device: torch.device) -> list[float]:
+    """Milliseconds per call, one sample per repeat: ``calls`` back-to-back calls between two
+    CUDA events (two clock reads on a CPU), divided by ``calls``."""
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / calls)
     return times
 
 
-def measure(forward, inputs, warmup: int, repeats: int, device, fwd_only: bool = False) -> dict:
-    """Raw fwd, bwd and fwd+bwd times (ms) of ``forward(*inputs)`` (only fwd if ``fwd_only``);
-    a pass that raises is recorded."""
+def measure(forward, inputs, args, device, fwd_only: bool = False) -> dict:
+    """Raw fwd, bwd and fwd+bwd times (ms per call) of ``forward(*inputs)`` (only fwd if
+    ``fwd_only``), the profiler's device time of each pass, and what ran; a pass that raises
+    is recorded."""
     result = {}
     detached = [t.detach() for t in inputs]  # forward alone: no autograd bookkeeping
 
@@ -129,8 +179,14 @@ def measure(forward, inputs, warmup: int, repeats: int, device, fwd_only: bool =
         with torch.no_grad():
             return forward(*detached)
 
+    def timed(name, fn):
+        result[name] = time_ms(fn, args.warmup, args.repeats, args.calls, device)
+        prof = profiled(fn, device, args.calls)
+        result[f"{name}_kernel"] = device_ms(prof, device, args.calls)
+        result["ran"] = attention_ran(prof)
+
     try:
-        result["fwd"] = time_ms(fwd, warmup, repeats, device)
+        timed("fwd", fwd)
     except Exception as e:  # noqa: BLE001 - an unsupported method is a result to record
         return {"error": f"{type(e).__name__}: {e}"[:500]}
     if fwd_only:
@@ -138,10 +194,8 @@ def measure(forward, inputs, warmup: int, repeats: int, device, fwd_only: bool =
     try:
         out = forward(*inputs)
         grad = torch.randn_like(out)
-        result["bwd"] = time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True),
-                                warmup, repeats, device)
-        result["fwdbwd"] = time_ms(lambda: torch.autograd.grad(forward(*inputs), inputs, grad), warmup, repeats,
-                                   device)
+        timed("bwd", lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+        timed("fwdbwd", lambda: torch.autograd.grad(forward(*inputs), inputs, grad))
     except Exception as e:  # noqa: BLE001
         result["error_bwd"] = f"{type(e).__name__}: {e}"[:500]
     return result
@@ -150,20 +204,28 @@ def measure(forward, inputs, warmup: int, repeats: int, device, fwd_only: bool =
 # ----------------------------------------------------------------------------- methods
 def build_methods(case: dict, dtype, device, smoke: bool, wanted=METHODS) -> dict:
     """name -> (forward fn, inputs, credited forward FLOPs) or an error string."""
-    from scalejepa.kernels import varlen_attention
+    from scalejepa.models.layers import Seqs
+    from scalejepa.models.layers.attention import attend, sdpa_backend_pinned
 
     lengths, heads, head_dim = case["lengths"], case["heads"], case["head_dim"]
     total, num_seqs, longest, shortest = sum(lengths), len(lengths), max(lengths), min(lengths)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(total, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
-    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device)
+    seqs = Seqs.from_lengths(lengths, device)
+    cu = seqs.cu_seqlens
     seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), torch.tensor(lengths, device=device))
     pos = torch.arange(total, device=device) - cu.long()[seq]
+    packed_flops = attention_flops(lengths, heads, head_dim)
     methods = {}
 
-    packed = tuple(t.clone().requires_grad_() for t in (q, k, v))
-    methods["triton_varlen"] = (lambda q, k, v: varlen_attention(q, k, v, cu, longest, validate=False), packed,
-                                attention_flops(lengths, heads, head_dim))
+    def packed(impl, sdpa_backend="auto"):  # the model's own attention on the packed tensors
+        inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        return (lambda q, k, v: attend(q, k, v, seqs, impl, sdpa_backend), inputs, packed_flops)
+
+    methods["triton_varlen"] = packed("triton")
+    methods["torch_varlen"] = packed("torch_varlen")
+    methods["sdpa_nested_flash"] = packed("sdpa_nested", "flash")
+    methods["sdpa_nested_cudnn"] = packed("sdpa_nested", "cudnn")
 
     def padded(t, length):  # (T, H, D) -> (S, H, length, D), zeros in the padding
         out = t.new_zeros(num_seqs, longest, heads, head_dim)
@@ -172,8 +234,15 @@ def build_methods(case: dict, dtype, device, smoke: bool, wanted=METHODS) -> dic
 
     key_ok = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])
     attn_mask = key_ok[:, None, None, :]  # (S, 1, 1, L): broadcast over heads and queries
-    methods["sdpa_padded"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask),
-                              tuple(padded(t, longest) for t in (q, k, v)), attention_flops(lengths, heads, head_dim))
+
+    def padded_sdpa(backend):
+        def forward(q, k, v):
+            with sdpa_backend_pinned(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return forward, tuple(padded(t, longest) for t in (q, k, v)), packed_flops
+
+    methods["sdpa_padded"] = padded_sdpa("auto")
+    methods["sdpa_padded_cudnn"] = padded_sdpa("cudnn")
     methods["sdpa_padded_backends"] = sdpa_backends(methods["sdpa_padded"][1], attn_mask)
     methods["sdpa_truncated"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                                  tuple(padded(t, shortest) for t in (q, k, v)),
@@ -197,8 +266,7 @@ def build_methods(case: dict, dtype, device, smoke: bool, wanted=METHODS) -> dic
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             flex = flex_attention
         flat = tuple(t.transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for t in (q, k, v))  # (1,H,T,D)
-        methods["flex_document"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask), flat,
-                                    attention_flops(lengths, heads, head_dim))
+        methods["flex_document"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask), flat, packed_flops)
     return methods
 
 
@@ -225,8 +293,23 @@ def summarise(raw: dict, fwd_flops: float) -> dict:
             ms = statistics.median(raw[name])
             out[f"{name}_ms"] = ms
             out[f"{name}_tflops"] = fwd_flops * mult / (ms * 1e-3) / 1e12
+            out[f"{name}_kernel_ms"] = raw[f"{name}_kernel"]["ms_per_call"]
     out["credited_fwd_flops"] = fwd_flops
     return out
+
+
+def library_within_margin(results: dict) -> dict:
+    """The library paths whose fwd+bwd time is within 3% of triton_varlen's, with the model
+    setting that selects each, and every path's ratio (event and kernel time)."""
+    ours = results.get("triton_varlen", {})
+    if "fwdbwd_ms" not in ours:
+        return {}
+    ratios = {name: {"fwdbwd_vs_triton": r["fwdbwd_ms"] / ours["fwdbwd_ms"],
+                     "fwdbwd_kernel_vs_triton": r["fwdbwd_kernel_ms"] / ours["fwdbwd_kernel_ms"]
+                     if ours["fwdbwd_kernel_ms"] else None}
+              for name, r in results.items() if name in LIBRARY_PATHS and "fwdbwd_ms" in r}
+    within = {name: LIBRARY_PATHS[name] for name, r in ratios.items() if r["fwdbwd_vs_triton"] <= LIBRARY_MARGIN}
+    return {"margin": LIBRARY_MARGIN, "ratios": ratios, "within": within}
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -269,7 +352,7 @@ def gather_benchmarks(args, dtype, device) -> list[dict]:
     for name, inputs, fns in cases:
         entry = {"name": name, "images": num_images, "context_tokens": sum(ctx_lens), "results": {}}
         for method, fn in fns.items():
-            raw = measure(fn, inputs, args.warmup, args.repeats, device)
+            raw = measure(fn, inputs, args, device)
             entry["results"][method] = dict(raw, **{f"{k}_ms": statistics.median(raw[k])
                                                     for k in ("fwd", "bwd", "fwdbwd") if k in raw})
         r = entry["results"]
@@ -316,7 +399,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--batch", type=int, default=128, help="images per GPU (context sequences)")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=30, help="timed calls; the median is reported")
+    p.add_argument("--repeats", type=int, default=30, help="timed samples; the median is reported")
+    p.add_argument("--calls", type=int, default=20, help="back-to-back calls per timed sample (and per profile)")
     p.add_argument("--seed", type=int, default=0, help="mask / data seed")
     p.add_argument("--cases", default="", help="comma list of case names to run (default: all)")
     p.add_argument("--methods", default="", help=f"comma list of {', '.join(METHODS)} (default: all)")
@@ -335,19 +419,26 @@ def parse_args(argv=None):
 def main(argv=None) -> Path:
     args = parse_args(argv)
     device = benchmark_device("attention.py", args.smoke)
-    if args.smoke:  # a check of the script, not a measurement: one call each, no autotuning
-        args.warmup, args.repeats = 0, 1
+    if args.smoke:  # a check of the script, not a measurement: two calls each, no autotuning
+        args.warmup, args.repeats, args.calls = 0, 1, 2
         os.environ.setdefault("SCALEJEPA_AUTOTUNE", "0")
+    # Each case has fixed shapes, but a cuDNN plan per shape is what training would pay without it.
+    os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
+    ensure_importable()
     dtype = DTYPES["fp32" if args.smoke and device.type == "cpu" else args.dtype]
     wanted = set(filter(None, args.cases.split(",")))
 
     results = {"env": environment(device), "smoke": args.smoke,
                "settings": {"dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup,
-                            "repeats": args.repeats, "batch": args.batch, "seed": args.seed,
-                            "methods": args.methods, "fwd_only_cases": sorted(args.fwd_only)},
+                            "repeats": args.repeats, "calls_per_sample": args.calls, "batch": args.batch,
+                            "seed": args.seed, "methods": args.methods, "fwd_only_cases": sorted(args.fwd_only),
+                            "TORCH_CUDNN_SDPA_AVOID_RECOMPILE": os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"]},
+               "timing": "median over samples of (time of --calls back-to-back calls between two CUDA events) / "
+                         "--calls; *_kernel_ms: the profiler's device kernel time per call (CPU: operator time)",
                "flop_convention": "fwd = 4*sum(L_i^2)*head_dim*heads; bwd = 2.5*fwd; fwd+bwd = 3.5*fwd; "
                                   "each method credited with the useful FLOPs of the lengths it attends over",
                "cases": []}
+    json_path = output_path(args.out_dir, "attention", results["env"], args.smoke)
     for case in make_cases(args):
         if wanted and case["name"] not in wanted:
             continue
@@ -368,17 +459,20 @@ def main(argv=None) -> Path:
                 entry["results"][name] = {"error": method}
                 continue
             fn, inputs, flops = method
-            raw = measure(fn, inputs, args.warmup, args.repeats, device, fwd_only=case["name"] in args.fwd_only)
+            raw = measure(fn, inputs, args, device, fwd_only=case["name"] in args.fwd_only)
             entry["results"][name] = summarise(raw, flops) if "fwd" in raw else raw
             r = entry["results"][name]
-            print(f"  {name:15s} fwd {r.get('fwd_ms', math.nan):8.3f} ms  bwd {r.get('bwd_ms', math.nan):8.3f} ms  "
-                  f"fwd+bwd {r.get('fwdbwd_ms', math.nan):8.3f} ms  fwd {r.get('fwd_tflops', math.nan):7.1f} TFLOP/s"
+            print(f"  {name:17s} fwd {r.get('fwd_ms', math.nan):8.3f} ms  bwd {r.get('bwd_ms', math.nan):8.3f} ms  "
+                  f"fwd+bwd {r.get('fwdbwd_ms', math.nan):8.3f} ms (kernels {r.get('fwdbwd_kernel_ms', math.nan):8.3f})"
+                  f"  fwd {r.get('fwd_tflops', math.nan):7.1f} TFLOP/s  ran {r.get('ran', {}).get('backends')}"
                   + (f"  [{r.get('error') or r.get('error_bwd')}]" if "error" in r or "error_bwd" in r else ""),
                   flush=True)
         res = entry["results"]
         if "fwdbwd_ms" in res.get("triton_varlen", {}) and "fwdbwd_ms" in res.get("sdpa_padded", {}):
             entry["triton_vs_sdpa_padded_fwdbwd"] = res["triton_varlen"]["fwdbwd_ms"] / res["sdpa_padded"]["fwdbwd_ms"]
+        entry["library_within_3pct"] = library_within_margin(res)
         results["cases"].append(entry)
+        write_json(json_path, results)  # after every case: a run killed by its budget keeps what it measured
 
     results["gathers"] = [] if args.no_gathers else gather_benchmarks(args, dtype, device)
 
@@ -394,7 +488,7 @@ def main(argv=None) -> Path:
         target = TARGETS["long_fwd_tflops"]
         results["targets"]["long_fwd_tflops"] = dict(value=value, target_min=target, met=value >= target)
 
-    json_path = write_report(output_path(args.out_dir, "attention", results["env"], args.smoke), results, plot=plot)
+    json_path = write_report(json_path, results, plot=plot)
     if "chart_skipped" in results:
         print(f"note: no chart ({results['chart_skipped']})", file=sys.stderr)
     print(f"wrote {json_path}" + (f" and {results['chart']}" if results["chart"] else ""))

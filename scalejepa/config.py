@@ -44,9 +44,17 @@ class ModelConfig:
     pred_dim: int = 384
     pred_heads: int = 0  # 0: as many heads as the encoder (the reference's choice)
     # How attention runs: PyTorch SDPA (dense, or padded to the longest sequence when
-    # lengths differ), the Triton varlen kernels, FlexAttention with a document mask, or
-    # eager softmax(QK^T)V as the reference code (a baseline for benchmarks).
-    attn_impl: Literal["sdpa", "triton", "flex", "eager"] = "sdpa"
+    # lengths differ), this project's Triton varlen kernels (and fused gathers),
+    # FlexAttention with a document mask, SDPA on nested jagged tensors (packed),
+    # torch.nn.attention.varlen (CUDA, torch >= 2.10), or eager softmax(QK^T)V as the
+    # reference code (a baseline for benchmarks). The library paths are kept selectable so
+    # that one measured within 3% of triton's speed (benchmarks/attention.py) can take
+    # its place (the rule is in that script's docstring).
+    attn_impl: Literal["sdpa", "triton", "flex", "eager", "sdpa_nested", "torch_varlen"] = "sdpa"
+    # The kernel SDPA may use (attn_impl sdpa, sdpa_nested): auto lets PyTorch pick per call
+    # (cuDNN builds a plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); flash
+    # has no key mask (padded SDPA needs efficient, cudnn or math); on CPU: flash or math.
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
 
 
 @dataclass
@@ -97,6 +105,12 @@ class OptimConfig:
     eps: float = 1e-8
     ema: tuple[float, float] = (0.996, 1.0)
     clip_grad: float = 0.0  # 0: no clipping (the reference)
+    # AdamW's kernels: fused (one kernel per step on CUDA; the CPU keeps the multi-tensor
+    # one) or foreach (torch's default multi-tensor AdamW, the reference's).
+    implementation: Literal["fused", "foreach"] = "fused"
+    # The EMA of the target encoder: one multi-tensor lerp, or the reference code's loop of
+    # one update per parameter (for benchmark baselines; backends none and fsdp2).
+    ema_impl: Literal["foreach", "loop"] = "foreach"
     # cosine: the reference schedules (cosine LR and weight decay, linear EMA ramp), which
     # depend on the total steps. wsd: warmup-stable-decay, linear warm-up, constant lr,
     # then a linear decay to final_lr over the last decay_fraction of the steps, with a
@@ -155,6 +169,9 @@ class DistributedConfig:
     shard_group_size: int = 0
     activation_checkpointing: bool = False
     compile: bool = False
+    # torch.compile backend of every block: inductor (generated, fused kernels); aot_eager
+    # traces forward and backward without generating code (fast to build: tests, debugging).
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     # DeepSpeed
     zero_stage: Literal[1, 2, 3] = 2
 

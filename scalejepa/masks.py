@@ -195,26 +195,26 @@ class MaskGenerator:
         return context, targets
 
     def __call__(self, batch_size: int, rng: np.random.Generator, rows: slice | None = None) -> MaskBatch:
-        """Masks for ``batch_size`` images. With ``rows``, masks are drawn (block sizes, and
-        truncation to the shortest context) for the whole batch and only those images are
-        returned: one rank's part of a global batch, as a one-process run would draw it."""
+        """Masks for ``batch_size`` images. With ``rows``, masks are drawn (block sizes and
+        positions) for the whole batch and only those images are returned: one rank's part
+        of a global batch, as a one-process run would draw it. Truncation is to the shortest
+        context of the returned rows, as a rank's own collator truncates its batch."""
         context, targets = self.sample_masks(batch_size, rng)
         return self.pack(context, targets, rows)
 
     def pack(self, context: np.ndarray, targets: np.ndarray, rows: slice | None = None) -> MaskBatch:
         """The MaskBatch of boolean (B, N) context and (B, M, N) target masks (as drawn by
-        ``sample_masks``, or by another collator), truncated as ``mask.context`` says."""
-        batch_size = context.shape[0]
-        if self.config.context == "truncate":
-            keep_len = int(context.sum(1).min())
+        ``sample_masks``, or by another collator), of the images ``rows`` (default: all),
+        truncated as ``mask.context`` says."""
         if rows is not None:
             context, targets = context[rows], targets[rows]
-            batch_size = context.shape[0]
+        batch_size = context.shape[0]
         num_patches = self.grid * self.grid
         num_targets = targets.shape[1]
         context_lens = context.sum(1)
         context_sampled = int(context_lens.sum())
         if self.config.context == "truncate":
+            keep_len = int(context_lens.min())
             context = context & (np.cumsum(context, axis=1) <= keep_len)  # raster order: bottom patches go (quirk 4)
             context_lens = np.full(batch_size, keep_len)
         _, context_index = np.nonzero(context)

@@ -1,10 +1,10 @@
 """Shared pieces of the distributed tests (CPU, gloo, torchrun in a subprocess).
 
 Every run trains the micro I-JEPA of ``debug_cpu`` on synthetic images
-(``data.synthetic``): a batch is a function of (seed, step, global sample index), so
-runs on any number of ranks see the same global batches and their losses and weights
-can be compared with a one-process run (``reference``), which runs in this process once
-per session.
+(``data.synthetic``) with packed contexts: a batch is a function of (seed, step, global
+sample index), so runs on any number of ranks see the same global batches and their
+losses and weights can be compared with a one-process run (``reference``), which runs in
+this process once per session.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from scalejepa.masks import MaskGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-# Global batch 8 over 2 micro-batches: 2 ranks x 2 images x 2 accumulation steps.
-COMMON = ["data.synthetic=true", "data.num_samples=64", "train.batch_size=8", "train.grad_accum=2",
+# Global batch 8 over 2 micro-batches: 2 ranks x 2 images x 2 accumulation steps. Packed
+# contexts: truncation is per rank (as with real data), packing gives any world size the
+# one-process run's batches.
+COMMON = ["data.synthetic=true", "mask.context=pack", "data.num_samples=64", "train.batch_size=8", "train.grad_accum=2",
           f"train.steps={STEPS}", "train.log_every=1", "model.pred_depth=2", "checkpoint.interval=3",
           "checkpoint.keep=3"]
 # fp32 on CPU; only the order of the gradient reductions differs from the one-process run.

@@ -37,13 +37,22 @@ def test_help(name, capsys):
 
 
 def test_train_step_smoke(tmp_path):
-    variants = "truncate_sdpa,reference_baseline,truncate_sdpa_fsdp2,truncate_sdpa_ac,reference_code"
+    variants = "truncate_sdpa,reference_baseline,truncate_sdpa_fsdp2,truncate_sdpa_ac,reference_code," \
+               "truncate_sdpa_cudnn"
     path = load("train_step").main(["--smoke", "--out-dir", str(tmp_path), "--variants", variants])
     data = json.loads(Path(path).read_text())
     check_env(data["env"])
     assert data["smoke"] is True and data["flop_convention"] and data["pending"] == []
+    assert data["settings"]["mask_pool"] == 2 and "pool of 2 mask batches" in data["data"]
     by_name = {v["variant"]: v for v in data["variants"]}
     assert list(by_name) == variants.split(",")
+    # SDPA pinned to flash, and the profiled step says that flash ran (the CPU's kernel).
+    for name in ("truncate_sdpa", "truncate_sdpa_fsdp2", "truncate_sdpa_ac"):
+        assert by_name[name]["sdpa_backend"] == "flash"
+        assert by_name[name]["attention_ran"]["ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert by_name["reference_baseline"]["attention_ran"]["backends"] == []  # eager matmul + softmax
+    # cuDNN has no CPU kernel: recorded with the reason, and the others still ran.
+    assert "model.sdpa_backend=cudnn has no CPU kernel" in by_name["truncate_sdpa_cudnn"]["error"]
     for name in ("truncate_sdpa", "reference_baseline"):
         v = by_name[name]
         assert len(v["raw_step_ms"]) == 2 and v["step_ms_median"] > 0 and v["img_s_per_gpu"] > 0
@@ -62,9 +71,15 @@ def test_train_step_smoke(tmp_path):
     assert ("img_s_per_gpu" in v) != ("error" in v)
     assert isinstance(v.get("error", ""), str)
     assert data["headline"]["best_variant"]
-    assert (tmp_path / data["table"]).read_text().count("\n| ") >= 6
+    assert (tmp_path / data["table"]).read_text().count("\n| ") >= 7
     if data["chart"]:
         assert (tmp_path / data["chart"]).stat().st_size > 0
+
+
+def test_train_step_mask_pool_is_covered_by_the_warm_up(tmp_path):
+    with pytest.raises(SystemExit, match="--mask-pool 2 must be between 1 and --warmup 1"):
+        load("train_step").main(["--smoke", "--out-dir", str(tmp_path), "--variants", "truncate_sdpa",
+                                 "--mask-pool", "2", "--warmup", "1"])
 
 
 def test_train_step_resumes_an_unfinished_run(tmp_path):
@@ -82,7 +97,7 @@ def test_train_step_resumes_an_unfinished_run(tmp_path):
 
 
 def test_synthetic_path_needs_no_webdataset_braceexpand_deepspeed(tmp_path):
-    # The GPU image lacks them: block their import and run the synthetic benchmark.
+    # The GPU image lacks them: block their import and run what the GPU suite runs.
     code = f"""
 import sys
 class Block:
@@ -95,6 +110,11 @@ import train_step
 train_step.main(['--smoke', '--out-dir', {str(tmp_path)!r}, '--variants', 'truncate_sdpa'])
 import scaling
 scaling.main(['--smoke', '--out-dir', {str(tmp_path)!r}])
+import attention
+attention.main(['--smoke', '--out-dir', {str(tmp_path)!r}, '--cases', 'vith_predictor', '--no-gathers',
+                '--methods', 'triton_varlen,sdpa_padded'])
+import gpu_correctness
+assert gpu_correctness.main(['--smoke', '--out-dir', {str(tmp_path)!r}, '--override', 'model.pred_depth=1']) == 0
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,3 +173,18 @@ def test_reference_equivalence_without_the_reference_says_how_to_get_it(tmp_path
         load("reference_equivalence").main(["--reference-dir", str(tmp_path / "ijepa"), "--out-dir", str(tmp_path)])
     assert "git clone https://github.com/facebookresearch/ijepa" in str(exit_info.value)
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_train_step_isolates_each_variant_in_a_child(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # for _harness's `_common` import
+    harness = load("_harness")
+    argv = ["--smoke", "--variants", "a,b", "--time-budget=5", "--isolate", "--resume-json", "x.json",
+            "--out-dir", "d", "--retry-errors"]
+    assert harness.child_argv(argv) == ["--smoke", "--out-dir", "d"]
+    path = load("train_step").main(["--smoke", "--isolate", "--out-dir", str(tmp_path), "--variants",
+                                    "truncate_sdpa,truncate_sdpa_cudnn"])
+    data = json.loads(Path(path).read_text())
+    assert data["settings"]["isolate"] is True
+    measured, refused = data["variants"]
+    assert measured["img_s_per_gpu"] > 0 and measured["attention_ran"]["backends"] == ["flash"]
+    assert "no CPU kernel" in refused["error"] and refused["env"] == {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}

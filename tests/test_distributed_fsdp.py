@@ -20,7 +20,7 @@ from _distributed import (
 
 from scalejepa.config import MaskConfig
 from scalejepa.data.pipeline import SyntheticLoader
-from scalejepa.masks import MaskGenerator
+from scalejepa.masks import MaskGenerator, mask_rng
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +33,27 @@ def fsdp_run(tmp_path_factory):
 
 def test_synthetic_batches_split_over_ranks():
     """Rank r's synthetic batch is its slice of the one-process batch: images and masks
-    (block sizes and truncation are the global batch's)."""
-    masks = MaskGenerator(8, MaskConfig(min_keep=4))
-    whole = SyntheticLoader(batch_size=6, image_size=32, mask_generator=masks, seed=5, start_step=3)
-    parts = [SyntheticLoader(batch_size=3, image_size=32, mask_generator=masks, seed=5, rank=r, world_size=2,
-                             start_step=3) for r in range(2)]
-    for _ in range(2):
-        full, split = next(whole), [next(p) for p in parts]
-        assert torch.equal(full.images, torch.cat([b.images for b in split]))
-        assert full.masks.context_tokens == sum(b.masks.context_tokens for b in split)
-        assert full.masks.target_tokens == sum(b.masks.target_tokens for b in split)
-        per_image = full.masks.context.index.view(6, -1)  # truncated: one length for the global batch
-        assert torch.equal(per_image, torch.cat([b.masks.context.index.view(3, -1) for b in split]))
+    (block sizes and positions are the global batch's); truncation is per rank, as the
+    real loader's."""
+    for context in ("pack", "truncate"):
+        masks = MaskGenerator(8, MaskConfig(min_keep=4, context=context))
+        whole = SyntheticLoader(batch_size=6, image_size=32, mask_generator=masks, seed=5, start_step=3)
+        parts = [SyntheticLoader(batch_size=3, image_size=32, mask_generator=masks, seed=5, rank=r, world_size=2,
+                                 start_step=3) for r in range(2)]
+        for step in (3, 4):
+            full, split = next(whole), [next(p) for p in parts]
+            assert torch.equal(full.images, torch.cat([b.images for b in split]))
+            assert full.masks.target_tokens == sum(b.masks.target_tokens for b in split)
+            assert torch.equal(full.masks.target_index, torch.cat([b.masks.target_index.view(4, 3, -1)
+                                                                   for b in split], 1).view(-1))
+            if context == "pack":
+                assert torch.equal(full.masks.context.index, torch.cat([b.masks.context.index for b in split]))
+                continue
+            drawn = MaskGenerator(8, MaskConfig(min_keep=4, context="pack"))(6, mask_rng(5, 0, 0, step))
+            lengths = torch.diff(drawn.context.seqs.cu_seqlens)
+            for rank, part in enumerate(split):  # each rank cuts its 3 contexts to their shortest
+                assert part.masks.context.seqs.uniform_len == int(lengths[3 * rank:3 * rank + 3].min())
+            assert full.masks.context.seqs.uniform_len == int(lengths.min())
 
 
 def test_fsdp2_two_ranks_match_one_process(tmp_path_factory, fsdp_run):

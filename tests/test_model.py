@@ -68,12 +68,28 @@ def test_packed_sequences_do_not_leak_into_each_other():
         rows += len(idx)
 
 
-@pytest.mark.parametrize("impl", ["flex", "eager"])
-def test_attention_implementations_agree_on_mixed_lengths(impl):
+@pytest.mark.parametrize("impl,sdpa_backend", [("flex", "auto"), ("eager", "auto"), ("sdpa_nested", "auto"),
+                                               ("sdpa", "flash"), ("sdpa", "math"), ("sdpa_nested", "math")])
+def test_attention_implementations_agree_on_mixed_lengths(impl, sdpa_backend):
     torch.manual_seed(0)
     seqs = Seqs.from_lengths([1, 7, 30, 2])
-    q, k, v = (torch.randn(40, 2, 16) for _ in range(3))
-    assert torch.allclose(attend(q, k, v, seqs, impl), attend(q, k, v, seqs, "sdpa"), atol=1e-5)
+    q, k, v = (torch.randn(40, 2, 16, requires_grad=impl != "flex") for _ in range(3))  # flex: no CPU backward
+    got, want = attend(q, k, v, seqs, impl, sdpa_backend), attend(q, k, v, seqs, "sdpa")
+    assert torch.allclose(got, want, atol=1e-5)
+    if impl != "flex":
+        grad = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_pinned_sdpa_backend_is_the_one_that_runs():
+    seqs = Seqs.from_lengths([3, 5])
+    q = torch.randn(8, 2, 16)
+    for backend, op in (("math", "aten::_scaled_dot_product_attention_math"),
+                        ("flash", "aten::_scaled_dot_product_flash_attention_for_cpu")):
+        with torch.profiler.profile() as prof:
+            attend(q, q, q, seqs, "sdpa", backend)
+        assert op in {e.name for e in prof.events()}, backend
 
 
 @pytest.mark.parametrize("context", ["truncate", "pack"])
@@ -123,7 +139,7 @@ def test_all_attention_implementations_give_the_same_loss(context):
     with torch.no_grad():  # FlexAttention has no backward on CPU
         model, target, loss = _loss_and_grads("sdpa", context)
         state = (model.state_dict(), target.state_dict())
-        for impl in ("flex", "triton"):
+        for impl in ("flex", "triton", "sdpa_nested"):
             _, _, other = _loss_and_grads(impl, context, state)
             assert torch.allclose(other, loss, atol=1e-5), impl
 
@@ -139,3 +155,31 @@ def test_a_training_step_with_triton_equals_sdpa():
     assert torch.allclose(results["sdpa"][0], results["triton"][0], atol=1e-5)
     for name, value in results["sdpa"][1].items():
         assert torch.allclose(value, results["triton"][1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.attn_impl=torch_varlen"], "model.attn_impl=torch_varlen runs FlashAttention's CUDA kernel only"),
+    (["model.sdpa_backend=cudnn"], "model.sdpa_backend=cudnn has no CPU kernel"),
+    (["model.attn_impl=flex"], "model.attn_impl=flex cannot train on CPU"),
+])
+def test_attention_paths_without_a_cpu_kernel_are_refused_before_building(overrides, message):
+    from scalejepa.config import ConfigError, load_config
+    from scalejepa.parallel.build import check_device_support
+
+    with pytest.raises(ConfigError, match=message):
+        check_device_support(load_config("debug_cpu", overrides), torch.device("cpu"))
+
+
+def test_the_engine_declares_how_its_optimizer_and_ema_run():
+    """The reference recipe is configuration (torch's default AdamW, the per-parameter EMA
+    loop), and the engine says what it runs: benchmarks read it instead of its internals."""
+    from scalejepa.config import load_config
+    from scalejepa.dist_env import DistEnv
+    from scalejepa.parallel import build_engine
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    default = build_engine(load_config("debug_cpu", ["model.pred_depth=1"]), env)
+    assert default.implementation == {"optimizer": "AdamW (torch default: foreach on CUDA)", "ema": "foreach lerp"}
+    reference = build_engine(load_config("debug_cpu", ["model.pred_depth=1", "optim.implementation=foreach",
+                                                       "optim.ema_impl=loop"]), env)
+    assert reference.implementation["ema"] == "per-parameter loop"

@@ -327,11 +327,14 @@ class SyntheticLoader:
     Every batch is a function of (seed, micro-step, global sample index) only: rank ``r``
     of ``world_size`` gets images ``[r * B, (r + 1) * B)`` of one global batch of
     ``world_size * B`` images, and its masks are drawn for the whole global batch (block
-    sizes shared, contexts truncated to the global minimum) then sliced. A run on any
-    number of ranks therefore trains on the same global batches as a one-process run, and
-    a resumed run, on any world size, continues them exactly. The price: every rank draws
-    the masks of the whole global batch (~30-60 ms of host time per step for 2048 images
-    on a 16x16 grid) and seeds one generator per image.
+    sizes and positions shared) then sliced. With ``mask.context=truncate`` each rank cuts
+    its own B contexts to their shortest, as :class:`TrainLoader` (and the reference's
+    per-rank collator) does, so per-image FLOPs at N ranks are those of a real N-rank run.
+    With ``mask.context=pack`` a run on any number of ranks trains on exactly the global
+    batches of a one-process run, and a resumed run, on any world size, continues
+    them exactly (with truncate, on the same world size). The price: every rank draws the
+    masks of the whole global batch (~30-60 ms of host time per step for 2048 images on a
+    16x16 grid) and seeds one generator per image.
     """
 
     def __init__(self, *, batch_size: int, image_size: int, mask_generator: MaskGenerator, seed: int,

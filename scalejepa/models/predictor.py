@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .init import init_vit_weights
-from .layers import Block, sincos_pos_embed_2d
+from .layers import Block, prepare_layout, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
@@ -25,6 +25,7 @@ class Predictor(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         attn_impl: str = "sdpa",
+        sdpa_backend: str = "auto",
     ):
         super().__init__()
         self.grid_size = int(round(num_patches**0.5))
@@ -36,7 +37,7 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
         self.register_buffer("predictor_pos_embed", torch.zeros(1, num_patches, pred_dim))
         self.predictor_blocks = nn.ModuleList(
-            Block(pred_dim, num_heads, int(pred_dim * mlp_ratio), attn_impl) for _ in range(depth)
+            Block(pred_dim, num_heads, int(pred_dim * mlp_ratio), attn_impl, sdpa_backend) for _ in range(depth)
         )
         self.predictor_norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
@@ -54,15 +55,19 @@ class Predictor(nn.Module):
         from scalejepa import kernels
 
         x = self.predictor_embed(context)
-        args = (x, masks.context.index, masks.context.seqs.cu_seqlens, masks.target_index,
-                masks.target_seqs.cu_seqlens, self.mask_token.view(-1).to(x.dtype),
-                self.predictor_pos_embed[0].to(x.dtype))
+        # The promoted dtype: under bf16 autocast the residual stream is fp32, as in the
+        # reference (its fp32 mask tokens promote the concatenation) and the encoders.
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.mask_token.dtype),
+                                    self.predictor_pos_embed.dtype)
+        args = (x.to(dtype), masks.context.index, masks.context.seqs.cu_seqlens, masks.target_index,
+                masks.target_seqs.cu_seqlens, self.mask_token.view(-1).to(dtype), self.predictor_pos_embed[0].to(dtype))
         # The packed layout (offsets, longest sequence) is known on the host from the
         # collator, masks.predictor_seqs; the builders return the same offsets.
         if self.attn_impl == "triton":
             x, _ = kernels.build_predictor_input(*args, validate=False)
         else:
             x, _ = kernels.build_predictor_input_reference(*args)
+        prepare_layout(masks.predictor_seqs, x.shape[0], self.attn_impl)
         for block in self.predictor_blocks:
             x = block(x, masks.predictor_seqs)
         x = self.predictor_norm(x).index_select(0, masks.predictor_target_rows)

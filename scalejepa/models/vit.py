@@ -15,7 +15,7 @@ from torch import nn
 from scalejepa.config import ModelConfig, check_model_shape
 
 from .init import init_vit_weights
-from .layers import Block, PatchEmbed, Seqs, sincos_pos_embed_2d
+from .layers import Block, PatchEmbed, Seqs, prepare_layout, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,10 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         attn_impl: str = "sdpa",
         size: VitSize | None = None,
+        sdpa_backend: str = "auto",
     ):
-        """``size``: the shape of a custom architecture (``model_size``); default: the named size ``arch``."""
+        """``size``: the shape of a custom architecture (``model_size``); default: the named size ``arch``.
+        ``attn_impl``, ``sdpa_backend``: how attention runs (``layers.attention.attend``)."""
         super().__init__()
         if size is None:
             if arch not in VIT_SIZES:
@@ -76,11 +78,13 @@ class VisionTransformer(nn.Module):
         self.arch = arch
         self.embed_dim = size.embed_dim
         self.num_heads = size.num_heads
+        self.attn_impl = attn_impl
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, size.embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, size.embed_dim))
         self.blocks = nn.ModuleList(
-            Block(size.embed_dim, size.num_heads, size.mlp_hidden_dim, attn_impl) for _ in range(size.depth)
+            Block(size.embed_dim, size.num_heads, size.mlp_hidden_dim, attn_impl, sdpa_backend)
+            for _ in range(size.depth)
         )
         self.norm = nn.LayerNorm(size.embed_dim, eps=1e-6)
         self.init_weights()
@@ -104,8 +108,9 @@ class VisionTransformer(nn.Module):
             x = (x + self.pos_embed).reshape(batch * num_patches, dim)
             seqs = Seqs.uniform(batch, num_patches, x.device)
         else:
-            x = gather_with_pos(x, keep, self.pos_embed[0], self.blocks[0].attn.attn_impl)
+            x = gather_with_pos(x, keep, self.pos_embed[0], self.attn_impl)
             seqs = keep.seqs
+        prepare_layout(seqs, x.shape[0], self.attn_impl)
         for block in self.blocks:
             x = block(x, seqs)
         return self.norm(x)
@@ -124,6 +129,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)
         x = (x + self.pos_embed).reshape(batch * self.num_patches, self.embed_dim)
         seqs = Seqs.uniform(batch, self.num_patches, x.device)
+        prepare_layout(seqs, x.shape[0], self.attn_impl)
         pooled = []
         for i, block in enumerate(self.blocks):
             x = block(x, seqs)
@@ -133,12 +139,18 @@ class VisionTransformer(nn.Module):
 
 
 def gather_with_pos(x: torch.Tensor, keep: TokenSelection, pos_embed: torch.Tensor, impl: str) -> torch.Tensor:
-    """Kept tokens of each image, packed, with their position embeddings added."""
+    """Kept tokens of each image, packed, with their position embeddings added.
+
+    The sum is in the promoted dtype, as ``x + pos_embed`` is for all patches: under bf16
+    autocast (bf16 patch tokens, fp32 buffer) the residual stream starts in fp32 in both
+    encoders, so the context encoder computes what the target encoder does on its tokens."""
     from scalejepa import kernels
 
+    dtype = torch.promote_types(x.dtype, pos_embed.dtype)
+    x, pos_embed = x.to(dtype), pos_embed.to(dtype)
     if impl == "triton":
-        return kernels.gather_tokens(x, keep.index, keep.seqs.cu_seqlens, pos_embed.to(x.dtype), validate=False)
-    return kernels.gather_tokens_reference(x, keep.index, keep.seqs.cu_seqlens, pos_embed.to(x.dtype))
+        return kernels.gather_tokens(x, keep.index, keep.seqs.cu_seqlens, pos_embed, validate=False)
+    return kernels.gather_tokens_reference(x, keep.index, keep.seqs.cu_seqlens, pos_embed)
 
 
 def count_parameters(module: nn.Module) -> int:

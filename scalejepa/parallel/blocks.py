@@ -28,13 +28,21 @@ def checkpoint_activations(block: nn.Module) -> None:
     block.forward = checkpointed_forward
 
 
-def apply_block_options(model: IJEPA, target: nn.Module, *, activation_checkpointing: bool, compile: bool) -> None:
+def apply_block_options(model: IJEPA, target: nn.Module, *, activation_checkpointing: bool, compile: bool,
+                        compile_backend: str = "inductor") -> None:
     """Activation checkpointing (trained blocks only: the target runs without gradients)
     and per-block ``torch.compile`` (every block), before any sharding, as torchtitan
-    orders them: checkpoint -> compile -> shard."""
+    orders them: checkpoint -> compile -> shard.
+
+    Every block shares one compiled code object, so the graphs are few and bounded: one
+    per kind of call (target encoder without gradients, context encoder, predictor), and
+    once lengths change, one in which they are symbolic. The packed lengths change every
+    step; Dynamo's automatic dynamic shapes make them symbolic at their first change, and
+    the layout's index tensors are built before the blocks (``prepare_layout``), so a
+    run recompiles a few times at its start and never after (tests/test_compile.py)."""
     if activation_checkpointing:
         for block in trained_blocks(model):
             checkpoint_activations(block)
     if compile:
         for block in [*trained_blocks(model), *target.blocks]:
-            block.compile()
+            block.compile(backend=compile_backend)

@@ -17,6 +17,7 @@ value is ever read, so no initialisation runs."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -32,12 +33,21 @@ from scalejepa.parallel.precision import autocast_dtype
 
 
 def check_device_support(config: Config, device: torch.device) -> None:
-    if config.model.attn_impl == "flex" and device.type == "cpu":
+    impl, sdpa_backend = config.model.attn_impl, config.model.sdpa_backend
+    if impl == "flex" and device.type == "cpu":
         raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use sdpa")
-    if config.model.attn_impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(
             "model.attn_impl=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; for tests): use sdpa"
         )
+    if impl == "torch_varlen":
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            raise ConfigError(f"model.attn_impl=torch_varlen needs torch >= 2.10 (this is {torch.__version__}): "
+                              "use triton or sdpa")
+        if device.type != "cuda":
+            raise ConfigError("model.attn_impl=torch_varlen runs FlashAttention's CUDA kernel only: on CPU use sdpa")
+    if device.type == "cpu" and sdpa_backend in ("efficient", "cudnn"):
+        raise ConfigError(f"model.sdpa_backend={sdpa_backend} has no CPU kernel: on CPU use auto, flash or math")
 
 
 def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: VisionTransformer) -> TorchEngine:
@@ -51,7 +61,7 @@ def wrap_single_device(config: Config, env: DistEnv, model: IJEPA, target: Visio
         target.to(env.device)
     optimizer = build_optimizer(model, config.optim, env.device)
     return TorchEngine(model, target, optimizer, autocast_dtype=autocast_dtype(config, env.device),
-                       clip_grad=config.optim.clip_grad)
+                       clip_grad=config.optim.clip_grad, ema_foreach=config.optim.ema_impl == "foreach")
 
 
 def build_engine(config: Config, env: DistEnv, init: InitWeights | None = None, *, meta_init: bool = False) -> Engine:
@@ -75,5 +85,6 @@ def build_engine(config: Config, env: DistEnv, init: InitWeights | None = None, 
     if init is not None:
         init.apply(model, target)
     d = config.distributed
-    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile)
+    apply_block_options(model, target, activation_checkpointing=d.activation_checkpointing, compile=d.compile,
+                        compile_backend=d.compile_backend)
     return wrap(config, env, model, target)

@@ -59,6 +59,7 @@ from scalejepa.parallel.engine import (
     PHASE_CONTEXT_PREDICTOR,
     PHASE_TARGET_FORWARD,
     build_optimizer,
+    optimizer_description,
     set_schedule,
 )
 from scalejepa.parallel.precision import autocast_dtype
@@ -199,6 +200,11 @@ class ZeroEngine:
             online = [o.to(t.dtype) for o, t in zip(online, target)]
         torch._foreach_lerp_(target, online, 1.0 - momentum)
 
+    @property
+    def implementation(self) -> dict[str, str]:
+        return {"optimizer": f"{optimizer_description(self.engine.optimizer)} under DeepSpeed ZeRO-{self.zero_stage}",
+                "ema": "foreach lerp"}
+
     # -- checkpoints ----------------------------------------------------------------
 
     def checkpoint_state(self) -> dict:
@@ -275,6 +281,9 @@ class ZeroEngine:
 
 
 def wrap_deepspeed(config: Config, env: DistEnv, model: IJEPA, target: VisionTransformer) -> ZeroEngine:
+    if config.optim.ema_impl != "foreach":
+        raise ConfigError(f"optim.ema_impl={config.optim.ema_impl} is not implemented for DeepSpeed (its EMA is one "
+                          "multi-tensor lerp of the partitions): use foreach, or distributed.backend none or fsdp2")
     deepspeed = _import_deepspeed(env.device)
     ensure_process_group(env)
     for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):

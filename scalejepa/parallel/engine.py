@@ -72,6 +72,11 @@ class Engine(Protocol):
     def export_target(self) -> dict[str, torch.Tensor]:
         """Full, unsharded target-encoder weights on the CPU (on rank 0), no prefixes."""
 
+    @property
+    def implementation(self) -> dict[str, str]:
+        """How the optimizer step and the EMA run, for reports and benchmarks:
+        ``{"optimizer": ..., "ema": ...}``."""
+
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay on matrices only: biases and 1-D parameters (norms) are excluded."""
@@ -84,12 +89,13 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim_config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW on the (wrapped) parameters; fused on CUDA unless ``optim.implementation=foreach``."""
     return torch.optim.AdamW(
         param_groups(model),
         lr=optim_config.lr,
         betas=optim_config.betas,
         eps=optim_config.eps,
-        fused=device.type == "cuda",
+        fused=optim_config.implementation == "fused" and device.type == "cuda",
     )
 
 
@@ -114,6 +120,12 @@ def materialize(device: torch.device, *modules: nn.Module) -> bool:
             for name, buffer in sub.named_buffers(recurse=False):
                 sub._buffers[name] = torch.empty_like(buffer, device=device)
     return bool(meta)
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
+    d = optimizer.defaults
+    mode = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "torch default: foreach on CUDA"
+    return f"{type(optimizer).__name__} ({mode})"
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
@@ -154,13 +166,13 @@ class TorchEngine:
     writes_own_files = False
 
     def __init__(self, model: IJEPA, target: VisionTransformer, optimizer: torch.optim.Optimizer, *,
-                 autocast_dtype: torch.dtype | None, clip_grad: float = 0.0):
+                 autocast_dtype: torch.dtype | None, clip_grad: float = 0.0, ema_foreach: bool = True):
         self.model = model
         self.target = target
         self.optimizer = optimizer
         self.autocast_dtype = autocast_dtype
         self.clip_grad = clip_grad
-        self.ema = EMA(target, model.encoder)
+        self.ema = EMA(target, model.encoder, foreach=ema_foreach)
         self.device = next(model.parameters()).device
         self.last_targets: torch.Tensor | None = None
 
@@ -211,3 +223,8 @@ class TorchEngine:
 
     def export_target(self) -> dict[str, torch.Tensor]:
         return get_model_state_dict(self.target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @property
+    def implementation(self) -> dict[str, str]:
+        return {"optimizer": optimizer_description(self.optimizer),
+                "ema": "foreach lerp" if self.ema.foreach else "per-parameter loop"}

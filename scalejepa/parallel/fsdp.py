@@ -115,4 +115,5 @@ def wrap_fsdp2(config: Config, env: DistEnv, model: IJEPA, target: VisionTransfo
                  "activation checkpointing %s, compile %s", dict(zip(mesh.mesh_dim_names, mesh.shape)),
                  mp or "off", autocast, d.reshard_after_forward, d.activation_checkpointing, d.compile)
     optimizer = build_optimizer(model, config.optim, env.device)
-    return TorchEngine(model, target, optimizer, autocast_dtype=autocast, clip_grad=config.optim.clip_grad)
+    return TorchEngine(model, target, optimizer, autocast_dtype=autocast, clip_grad=config.optim.clip_grad,
+                       ema_foreach=config.optim.ema_impl == "foreach")

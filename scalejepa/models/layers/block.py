@@ -9,10 +9,11 @@ from .seqs import Seqs
 class Block(nn.Module):
     """Pre-LN transformer block on packed tokens (T, D)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, attn_impl: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, attn_impl: str = "sdpa",
+                 sdpa_backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_impl=attn_impl)
+        self.attn = Attention(dim, num_heads, attn_impl=attn_impl, sdpa_backend=sdpa_backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, mlp_hidden_dim)
 

@@ -4,9 +4,10 @@ Tokens travel through the encoders and the predictor as one packed ``(T, D)`` te
 S sequences laid end to end; ``cu_seqlens`` holds the S + 1 offsets. When all sequences
 have the same length (the target encoder, truncated contexts) ``uniform_len`` is set and
 attention can run on a dense ``(S, L)`` view with no padding at all. Derived index
-tensors (padding map, FlexAttention block mask) are built once per batch on first use and
-shared by every layer. Nothing here syncs with the device: lengths known on the host come
-in from the mask collator.
+tensors (padding map, FlexAttention block mask) are built once per batch, before the first
+block runs (``attention.prepare_layout``: outside any compiled block, whose guards would
+otherwise see the cache change between blocks), and shared by every layer. Nothing here
+syncs with the device: lengths known on the host come in from the mask collator.
 """
 
 from __future__ import annotations
@@ -48,24 +49,22 @@ class Seqs:
 
     def token_seq_ids(self, total: int) -> torch.Tensor:
         """(T,) index of the sequence each packed token belongs to."""
-        key = f"seq_ids{total}"
-        if key not in self._cache:
+        if "seq_ids" not in self._cache:  # one layout, one total: the key needs no size
             lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
             seq = torch.arange(self.num_seqs, device=self.device)
-            self._cache[key] = torch.repeat_interleave(seq, lengths, output_size=total)
-        return self._cache[key]
+            self._cache["seq_ids"] = torch.repeat_interleave(seq, lengths, output_size=total)
+        return self._cache["seq_ids"]
 
     def padding(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row of each token in a (S * max_seqlen) padded layout, and the (S, max_seqlen)
         key mask (True where a real token sits)."""
-        key = f"pad{total}"
-        if key not in self._cache:
+        if "pad" not in self._cache:
             seq = self.token_seq_ids(total)
             pos = torch.arange(total, device=self.device) - self.cu_seqlens.long()[seq]
             lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
             keep = torch.arange(self.max_seqlen, device=self.device) < lengths[:, None]
-            self._cache[key] = (seq * self.max_seqlen + pos, keep)
-        return self._cache[key]
+            self._cache["pad"] = (seq * self.max_seqlen + pos, keep)
+        return self._cache["pad"]
 
     def cached(self, key: str, build):
         if key not in self._cache:
