@@ -1,5 +1,6 @@
 """What actually ran, read from ``torch.profiler``: the attention backend of a step (which
-SDPA kernel PyTorch dispatched to, or ours), and the device time of a number of calls.
+SDPA kernel PyTorch dispatched to, or ours), the device time of a number of calls, and the
+time of each phase of a training step.
 
 A benchmark that names a backend it asked for can still time another one (SDPA falls
 back, or picks cuDNN by itself); the profiled operator and kernel names say which one ran.
@@ -69,3 +70,17 @@ def device_ms(prof: profile, device: torch.device, calls: int) -> dict:
         total_us = sum(a.self_cpu_time_total for a in averages)
         source = "sum of CPU operator self time"
     return {"ms_per_call": total_us / 1e3 / max(calls, 1), "source": source, "calls": calls}
+
+
+def phases_ms(prof: profile, device: torch.device) -> dict[str, float]:
+    """Time of each phase of one profiled training step, by the ``record_function`` labels
+    of ``scalejepa.step`` and the engines (``scalejepa/backward`` -> ``backward``): the device
+    time of the kernels launched inside each on a GPU, the CPU time on a CPU."""
+    from scalejepa.step import PHASES
+
+    out = {}
+    for average in prof.key_averages():
+        if average.key in PHASES:
+            total_us = average.device_time_total if device.type == "cuda" else average.cpu_time_total
+            out[average.key.split("/", 1)[1]] = total_us / 1e3
+    return out

@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--smoke] [--plan] [PHASE ...]
 #
-#   PHASE  setup precompile correctness attention train_step scaling train_step_library train_step_compile
+#   PHASE  setup precompile correctness attention train_step train_step_library train_step_compile
 #          loader (default: all but loader; --quick: setup precompile correctness attention train_step, with
 #          train_step limited to pack_triton and truncate_sdpa)
 #   --smoke  the same steps on CPU with tiny shapes (Triton interpreter) and CPU budgets: a check
@@ -28,10 +28,15 @@
 #   train_step_headline pack_triton, the project's headline variant, under its own budget
 #   train_step_default  truncate_sdpa (flash), the reference recipe's masks, under its own budget
 #   train_step_rest     reference_baseline, reference_code (if third_party/ijepa is carried), FSDP2
-#   scaling             GPU-hours of 300 ImageNet-1k epochs vs the paper's 1152 A100-hours
 #   then, only if the cap still allows: train_step_library (cuDNN SDPA, nested-jagged SDPA,
 #   torch.nn.attention.varlen in the step), train_step_compile (torch.compile variants)
-# The train_step steps add to one train_step JSON (--resume-json), saved after every variant.
+# The train_step steps add to one train_step JSON (--resume-json), saved after every variant. Their
+# per-GPU batch is the recipe's 128, or the largest that `scalejepa-plan --max-batch` found to fit on
+# this GPU kind if that is smaller (benchmarks/results/plan_vith14_<kind>_1x1_*.json, traced on CPU).
+# What a whole run would cost is not priced here: after the GPU run, on any CPU,
+#   scalejepa-plan --config vit_h14_in1k_ep300 --gpus h100-sxm:2x8 distributed.backend=fsdp2 \
+#       --calibrate <this run's train_step JSON>
+# fits the planner's phase efficiencies to the measured phases_ms and prints its error per variant.
 #
 # Results: $SUITE_DIR (default benchmarks/results/gpu_suite_<UTC stamp>; with --smoke a temp
 # folder; a relative path is the caller's). When $OUT is set (the lent GPU machines), $OUT gets
@@ -77,13 +82,13 @@ while [ $# -gt 0 ]; do
     *) phases+=("$arg") ;;
     esac
 done
-ALL_PHASES=(setup precompile correctness attention train_step scaling train_step_library train_step_compile loader)
+ALL_PHASES=(setup precompile correctness attention train_step train_step_library train_step_compile loader)
 for p in "${phases[@]}"; do
     [[ " ${ALL_PHASES[*]} " == *" $p "* ]] || { echo "gpu_suite: unknown phase $p (${ALL_PHASES[*]})" >&2; exit 2; }
 done
 if [ ${#phases[@]} -eq 0 ]; then
     if [ "$MODE" = quick ]; then phases=(setup precompile correctness attention train_step)
-    else phases=(setup precompile correctness attention train_step scaling train_step_library train_step_compile); fi
+    else phases=(setup precompile correctness attention train_step train_step_library train_step_compile); fi
 fi
 
 PY=${PYTHON:-python3}
@@ -115,7 +120,6 @@ declare -A BUDGET=(
     [train_step_headline]="60 50 150" # parent P + pack_triton: P + build + (4 + steps + 1) x S + autotune
     [train_step_default]="50 45 120" # parent P + truncate_sdpa: P + build + (4 + steps + 1) x S
     [train_step_rest]="110 0 150"    # parent P + reference_baseline 40 + fsdp2 45 (+ reference_code)
-    [scaling]="15 0 60"              # P + arithmetic
     [train_step_library]="150 0 0"   # only if time remains: cuDNN, nested-jagged, torch varlen variants
     [train_step_compile]="120 0 0"   # only if time remains: 2 torch.compile variants
     [loader]="120 0 0"               # explicit phase only
@@ -144,6 +148,7 @@ echo "gpu_suite: mode $MODE$([ $SMOKE = 1 ] && echo ' (smoke, CPU)'), results in
 for s in "${planned[@]}"; do
     printf '  %-20s %4s s%s\n' "$s" "$(budget_of "$s")" "$([[ "$OPTIONAL_STEPS" == *" $s "* ]] && echo '  (only if time remains)')"
 done
+[ $SMOKE = 1 ] || echo "  train_step batch per GPU: $TRAIN_BATCH = $TRAIN_BATCH_WHY"
 echo "  required steps: $required_total s planned of a $CAP s cap$([ $SMOKE = 1 ] && echo ' (the cap is the GPU run'"'"'s; smoke budgets are CPU ones)')"
 if [ $SMOKE = 0 ] && [ $required_total -gt $CAP ]; then
     echo "gpu_suite: the plan needs $required_total s, over the $CAP s cap: shorten a budget" >&2
@@ -206,6 +211,23 @@ step() {  # step NAME: run step NAME's function in a child under NAME's budget, 
 
 latest() { ls -t "$SUITE_DIR"/"$1"_*.json 2>/dev/null | head -n 1; }
 
+planned_batch() {  # the recipe's 128, or the planner's max micro-batch for this GPU if smaller; and why
+    local gpu; gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+    "$PY" - "$gpu" <<'EOF'
+import glob, json, sys
+gpu, recipe = sys.argv[1].strip(), 128
+plans = [json.load(open(f)) for f in sorted(glob.glob("benchmarks/results/plan_vith14_*_1x1_*.json"))]
+match = [p for p in plans if gpu and p["cluster"]["device_name"] == gpu and p.get("max_batch_per_gpu")]
+if not match:
+    print(recipe, f"the recipe's {recipe} (no scalejepa-plan --max-batch file for {gpu or 'this machine'!r})")
+else:
+    p = match[-1]
+    print(min(recipe, p["max_batch_per_gpu"]), f"min(recipe {recipe}, scalejepa-plan --max-batch "
+          f"{p['max_batch_per_gpu']} on {p['gpu']})")
+EOF
+}
+read -r TRAIN_BATCH TRAIN_BATCH_WHY <<< "$(planned_batch)"
+
 if [ $SMOKE = 1 ]; then
     SMOKE_FLAG=(--smoke)
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -216,12 +238,12 @@ if [ $SMOKE = 1 ]; then
 else
     SMOKE_FLAG=()
     if [ "$MODE" = quick ]; then
-        TRAIN_ARGS=(--preset "$PRESET" --batch 128 --warmup 4 --steps 6 --mask-pool 4)
+        TRAIN_ARGS=(--preset "$PRESET" --batch "$TRAIN_BATCH" --warmup 4 --steps 6 --mask-pool 4)
         COMPARE_ARGS=(--preset "$PRESET" --batch 16)
         ATTN_ARGS=(--cases vith_context,vith_predictor
                    --methods triton_varlen,torch_varlen,sdpa_nested_flash,sdpa_nested_cudnn,sdpa_padded,sdpa_padded_cudnn)
     else
-        TRAIN_ARGS=(--preset "$PRESET" --batch 128 --warmup 4 --steps 12 --mask-pool 4)
+        TRAIN_ARGS=(--preset "$PRESET" --batch "$TRAIN_BATCH" --warmup 4 --steps 12 --mask-pool 4)
         COMPARE_ARGS=(--preset "$PRESET" --batch 32)
         ATTN_ARGS=(--cases vith_context,vith_predictor,long --fwd-only long)
     fi
@@ -342,15 +364,6 @@ loader() {
     local workers
     workers=$("$PY" -c "import os; n=len(os.sched_getaffinity(0)); print(','.join(str(w) for w in (1,2,4,8,16,32) if w<=n))")
     "$PY" benchmarks/loader.py "${SMOKE_FLAG[@]}" --out-dir "$SUITE_DIR" --cache third_party/loader-bench --workers "$workers"
-}
-
-scaling() {
-    local json; json=$(latest train_step)
-    if [ $SMOKE = 1 ] || [ -z "$json" ]; then
-        "$PY" benchmarks/scaling.py --smoke --out-dir "$SUITE_DIR" ${json:+--from-json "$json"}
-    else
-        "$PY" benchmarks/scaling.py --from-json "$json" --out-dir "$SUITE_DIR"
-    fi
 }
 
 # ---------------------------------------------------------------------------- main

@@ -11,7 +11,8 @@ batches, drawn before timing, that the steps cycle through, as a long run's shap
 backend that prepares per shape, such as cuDNN's SDPA plans or an autotuner, pays it during
 warm-up, which covers the pool). Data loading is excluded unless ``--loader`` is given. SDPA's
 backend is pinned per variant (``model.sdpa_backend``; flash unless named), and one profiled
-step after the timed ones records what ran (``attention_ran``: backends, operators, kernels).
+step after the timed ones records what ran (``attention_ran``: backends, operators, kernels)
+and the time of each phase of the step (``phases_ms``, which ``scalejepa-plan --calibrate`` fits).
 
 A variant that cannot be built or run (a backend that is not available, compile or
 activation checkpointing requested but not applied, out of memory) is recorded with its
@@ -60,7 +61,7 @@ import _harness  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS_DIR, benchmark_device, ensure_importable, environment, output_path, progress, write_json,
 )
-from _profile import attention_ran, profiled  # noqa: E402
+from _profile import attention_ran, phases_ms, profiled  # noqa: E402
 from _reference_ijepa import DEFAULT_REFERENCE_DIR  # noqa: E402
 from _timing import free_memory, summarise_times, timed_steps  # noqa: E402
 from _train_step_variants import SMOKE_VARIANTS, VARIANTS, Variant  # noqa: E402
@@ -160,7 +161,9 @@ def time_engine(args, variant: Variant, config: Config, device: torch.device, re
         return float(out.loss), out.data_wait_s
 
     losses, times, data_s = timed_steps(step, args.warmup, args.steps, device, variant.name)
-    result["attention_ran"] = attention_ran(profiled(lambda: step(timed), device))
+    prof = profiled(lambda: step(timed), device)
+    result["attention_ran"] = attention_ran(prof)
+    result["phases_ms"] = phases_ms(prof, device)  # what scalejepa-plan --calibrate fits
     if args.loader:
         result["data_wait_ms_median"] = statistics.median(data_s) * 1e3
     host_masks = host_masks[:timed]

@@ -50,6 +50,10 @@ def test_train_step_smoke(tmp_path):
     for name in ("truncate_sdpa", "truncate_sdpa_fsdp2", "truncate_sdpa_ac"):
         assert by_name[name]["sdpa_backend"] == "flash"
         assert by_name[name]["attention_ran"]["ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+        # every phase of the profiled step timed, for scalejepa-plan --calibrate
+        phases = by_name[name]["phases_ms"]
+        assert set(phases) == {"data", "target_forward", "context_predictor", "backward", "optimizer", "ema"}
+        assert all(t > 0 for t in phases.values()), phases
     assert by_name["reference_baseline"]["attention_ran"]["backends"] == []  # eager matmul + softmax
     # cuDNN has no CPU kernel: recorded with the reason, and the others still ran.
     assert "model.sdpa_backend=cudnn has no CPU kernel" in by_name["truncate_sdpa_cudnn"]["error"]

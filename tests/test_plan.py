@@ -224,7 +224,7 @@ def test_calibration_recovers_phase_efficiencies_from_a_measured_file(tmp_path):
     for name, overrides in [("truncate_sdpa", ["mask.context=truncate"]), ("pack_sdpa", ["mask.context=pack"])]:
         config = load_config("debug_cpu", [*SMALL, *overrides, "train.batch_size=4"])
         phases = schedule(trace_step(config, 1), cluster).phases_s
-        variants.append({"variant": name, "batch": 4, "config_overrides": overrides, "step_ms_median": 1.0,
+        variants.append({"variant": name, "batch": 4, "overrides": overrides, "step_ms_median": 1.0,
                          "phases_ms": {p: 1e3 * t * slower[p] for p, t in phases.items()}})
     path = tmp_path / "train_step_x.json"
     path.write_text(json.dumps({"env": {"device": "NVIDIA H100 80GB HBM3"},

@@ -2,8 +2,8 @@
 
 ``benchmarks/train_step.py`` writes, per measured variant, the GPU time of each phase of one
 profiled step (``phases_ms``: target_forward, context_predictor, backward, optimizer, ema;
-the CUDA time under our ``record_function`` labels), the overrides that build the variant's
-config, and its micro-batch. For each such variant the planner predicts the same step on one
+the CUDA time under our ``record_function`` labels), the overrides that select the variant
+(``overrides``, on top of the file's preset and ``settings.overrides``), and its micro-batch. For each such variant the planner predicts the same step on one
 GPU of the file's kind; a phase's efficiency is the median over variants of predicted /
 measured time (the share of the roofline that phase reaches), and the report prints the
 planner's error on every variant before and after the fit. Later plans divide each phase's
@@ -50,7 +50,7 @@ def calibrate(path: str | Path) -> dict:
     settings = data["settings"]
     predictions = []
     for variant in measured_variants(data):
-        overrides = [*settings.get("overrides", []), *variant.get("config_overrides", []),
+        overrides = [*settings.get("overrides", []), *variant.get("overrides", []),
                      f"train.batch_size={variant['batch']}", "train.grad_accum=1"]
         trace = trace_step(load_config(settings["preset"], overrides), 1)
         predictions.append((variant, trace))

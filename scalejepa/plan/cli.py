@@ -110,6 +110,8 @@ def text(r: dict) -> str:
         f"  loader: {r['loader_cores_per_gpu']:.1f} CPU cores per GPU at {r['loader_rate']['img_s_per_core']:.0f} img/s "
         "per core",
     ]
+    if r.get("traced_as"):
+        lines.append("  traced with stand-ins: " + "; ".join(f"{k} {v}" for k, v in r["traced_as"].items()))
     if r.get("analytic_parts"):
         lines.append("  note: DeepSpeed is not traced: model states from its estimators, collectives from volumes")
     if "max_batch_per_gpu" in r:

@@ -49,11 +49,12 @@ class Priced:
     grad_accum: int
     analytic: bool = False  # True when part of it is not traced (DeepSpeed)
     trace: StepTrace | None = None
+    traced_as: dict[str, str] = dataclasses.field(default_factory=dict)  # stand-ins the trace used
 
 
 def price(config: Config, cluster: Cluster, *, efficiency: dict[str, float] | None = None,
           label: str = "", progress: Callable[[str], None] | None = None) -> Priced:
-    config = planning_config(config)
+    requested, config = config, planning_config(config)
     check_plannable(config, cluster.world_size)
     if progress:
         progress(f"tracing {label or config.distributed.backend} on {cluster.world_size} ranks ...")
@@ -61,7 +62,15 @@ def price(config: Config, cluster: Cluster, *, efficiency: dict[str, float] | No
         return _price_deepspeed(config, cluster, efficiency, label)
     trace = trace_step(config, cluster.world_size)
     return Priced(label or config.distributed.backend, config, trace.memory_gib(), schedule(trace, cluster, efficiency),
-                  trace.micro_batch, trace.grad_accum, trace=trace)
+                  trace.micro_batch, trace.grad_accum, trace=trace, traced_as=_stand_ins(requested, config))
+
+
+def _stand_ins(requested: Config, traced: Config) -> dict[str, str]:
+    """What the trace ran in place of what the config asks for (see ``planning_config``)."""
+    pairs = {"model.attn_impl": (requested.model.attn_impl, traced.model.attn_impl),
+             "model.sdpa_backend": (requested.model.sdpa_backend, traced.model.sdpa_backend),
+             "distributed.compile": (requested.distributed.compile, traced.distributed.compile)}
+    return {key: f"{a} traced as {b}" for key, (a, b) in pairs.items() if a != b}
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -212,6 +221,7 @@ def report(priced: Priced, cluster: Cluster) -> dict:
         "predicted": True,
         "label": priced.label,
         "analytic_parts": priced.analytic,
+        "traced_as": priced.traced_as,
         "gpu": cluster.gpu.kind,
         "cluster": cluster.to_dict(),
         "world_size": world,

@@ -133,14 +133,24 @@ class StepTrace:
 # ----------------------------------------------------------------------------- config
 
 
+# Attention paths that cannot run on fake CPU tensors, and what the trace runs in their place:
+# the same packed shapes and FLOPs through our varlen kernel's fake implementation, or SDPA with
+# the CPU's own kernel. Their speed on a GPU relative to ours is what --calibrate measures.
+STAND_INS = {"attn_impl": {"sdpa_nested": "triton", "torch_varlen": "triton"},
+             "sdpa_backend": {"efficient": "auto", "cudnn": "auto"}}
+
+
 def planning_config(config: Config) -> Config:
-    """The configuration a GPU run would execute: ``train.precision=auto`` is bf16 on a GPU;
-    ``distributed.compile`` is traced eagerly (a compiled step fuses elementwise work, so
-    the eager trace over-counts its memory traffic: the report says so)."""
-    train = config.train
+    """The configuration a GPU run would execute, as the CPU trace can run it:
+    ``train.precision=auto`` is bf16 on a GPU; ``distributed.compile`` is traced eagerly (a
+    compiled step fuses elementwise work, so the eager trace over-counts its memory traffic);
+    attention paths without a fake-tensor kernel run through a stand-in (:data:`STAND_INS`)."""
+    train, model = config.train, config.model
     if train.precision == "auto":
         train = dataclasses.replace(train, precision="bf16")
-    return dataclasses.replace(config, train=train,
+    model = dataclasses.replace(model, attn_impl=STAND_INS["attn_impl"].get(model.attn_impl, model.attn_impl),
+                                sdpa_backend=STAND_INS["sdpa_backend"].get(model.sdpa_backend, model.sdpa_backend))
+    return dataclasses.replace(config, train=train, model=model,
                                distributed=dataclasses.replace(config.distributed, compile=False))
 
 
