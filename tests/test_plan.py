@@ -82,6 +82,12 @@ def test_traced_flops_equal_the_analytic_count(overrides):
     trace = trace_step(config, 1)
     assert trace.micro_batches_traced == 2
     assert trace.totals()["flops"] == pytest.approx(_analytic_flops(config, trace), rel=0.01)
+    # Each op lands in its phase: the backward of the context encoder and predictor is ~2x
+    # their forward (the patch embedding's backward skips the image gradient).
+    by_phase = {}
+    for op in (e for e in trace.events if isinstance(e, Op)):
+        by_phase[op.phase] = by_phase.get(op.phase, 0.0) + op.flops
+    assert by_phase["backward"] == pytest.approx(2 * by_phase["context_predictor"], rel=0.05)
 
 
 @pytest.mark.parametrize("arch", [

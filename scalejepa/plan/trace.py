@@ -202,7 +202,9 @@ class StepRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.events: list = []
-        self._labels: dict[int, str] = {}  # open record_function handles -> name, in opening order
+        # Open record_function regions, innermost last. Exits are matched by nesting, not by
+        # handle: the handle reaches this mode as a new Python wrapper at every crossing.
+        self._labels: list[str] = []
         self.phase = "other"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -212,16 +214,16 @@ class StepRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         if name == "profiler._record_function_enter_new":
-            self._labels[id(out)] = args[0]
+            self._labels.append(args[0])
             if args[0] in PHASE_NAMES:
                 self.phase = PHASE_NAMES[args[0]]
             elif args[0].startswith("FSDP::") or args[0] == PHASE_DATA:
                 self.events.append(Label(args[0], self.phase))
             return out
         if name == "profiler._record_function_exit":
-            label = self._labels.pop(id(args[0]), None)
+            label = self._labels.pop() if self._labels else None
             if label in PHASE_NAMES:
-                inner = next((n for n in reversed(self._labels.values()) if n in PHASE_NAMES), None)
+                inner = next((n for n in reversed(self._labels) if n in PHASE_NAMES), None)
                 self.phase = PHASE_NAMES[inner] if inner else "other"
             return out
         if name in _COLLECTIVES:
@@ -240,7 +242,7 @@ class StepRecorder(TorchDispatchMode):
             nbytes = sum(_nbytes(t) for t in _tensors(args[1]))  # the full input
         else:
             nbytes = sum(_nbytes(t) for t in _tensors(args[0]))
-        label = next((n for n in reversed(self._labels.values()) if n.startswith("FSDP::")), "")
+        label = next((n for n in reversed(self._labels) if n.startswith("FSDP::")), "")
         self.events.append(Collective(kind, nbytes, ranks, label, self.phase))
 
     def _record_op(self, func, name: str, args, kwargs, out) -> None:
