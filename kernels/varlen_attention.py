@@ -52,8 +52,9 @@ always run. Under ``torch.compile`` the checks of values run inside the custom o
 Devices: CUDA tensors run compiled kernels (autotuned per head-dim block, sequence-length
 bucket and dtype; ``SCALEJEPA_AUTOTUNE=0`` uses the default configuration). CPU tensors run only
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before import; slow, for tests).
-The Triton 3.9 interpreter multiplies bfloat16 ``tl.dot`` operands as raw integers, so under
-the interpreter bf16 operands are upcast to float32 first (exact); compiled kernels never do.
+The Triton interpreter (3.6 and 3.9 alike) multiplies bfloat16 ``tl.dot`` operands as raw
+integers, so under the interpreter bf16 operands are upcast to float32 first (exact); compiled
+kernels never do.
 
 Custom ops: ``scalejepa::varlen_attn_fwd`` -> ``(out, lse)`` and ``scalejepa::varlen_attn_bwd`` ->
 ``(dq, dk, dv)``, with fake (meta) implementations and autograd, so ``torch.compile(fullgraph=True)``
