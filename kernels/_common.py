@@ -59,11 +59,11 @@ def _major_minor(version: str) -> tuple[int, int]:
 def interpreter_problem() -> str:
     """Why the installed Triton interpreter cannot run these kernels, or "" if it can.
 
-    Triton's interpreter before 3.7 converts a scalar (a 1-element array to it) to a Python
-    int with ``int(array)``, which NumPy 2.4 made a TypeError; every loop whose bounds are
-    loaded (all of ours: sequence offsets) then fails with "only 0-dimensional arrays can be
-    converted to Python scalars" (triton-lang/triton#9171, fixed in 3.7; compiled kernels are
-    unaffected)."""
+    Triton's interpreter before 3.7 holds a scalar as a 1-element array and turns it into a
+    Python int with ``int(array)``, which NumPy 2.4 made a TypeError: every loop whose bounds
+    are loaded (all of ours: sequence offsets) then fails with "only 0-dimensional arrays can
+    be converted to Python scalars" (triton-lang/triton#9171, fixed in 3.7; compiled kernels
+    are unaffected)."""
     import numpy
 
     if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):

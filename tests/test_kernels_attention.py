@@ -35,6 +35,8 @@ if common.HAS_TRITON:
         offs = rows[:, None] * 16 + rows[None, :]
         acc = attn_mod._dot(tl.load(A + offs), tl.load(B + offs), tl.zeros([16, 16], dtype=tl.float32), UPCAST, None)
         tl.store(OUT + offs, acc)
+
+
 # Tolerances vs the float32 reference computed from the same (rounded) inputs, as (error
 # allowed per element relative to the tensor's max magnitude, elementwise rtol, Frobenius-norm
 # relative error). bf16/fp16 round P and dS to 16 bits before their matmuls (as FlashAttention
