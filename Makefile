@@ -48,4 +48,30 @@ test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
+
+# ---- The GPU image's versions on CPU (issue 23): torch 2.11.0 + Triton 3.6.0 -----------------
+# A second virtual environment. PyPI's torch 2.11.0 is a CUDA build (530 MB wheel plus ~1.2 GB
+# of nvidia-* wheels, 5.2 GB installed); it runs on CPU. NumPy < 2.4: Triton 3.6's interpreter
+# fails with NumPy 2.4 (triton-lang/triton#9171, fixed in 3.7; see kernels/_common.py).
+#   make test-compat           kernel, model, single-process and FSDP2 training, launch tests
+#   make compile-check-compat  every kernel variant compiled by Triton 3.6 for sm_90a and sm_80
+COMPAT_VENV ?= .venv-compat
+COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0 "numpy<2.4"
+COMPAT_TESTS ?= tests/test_kernels_attention.py tests/test_kernels_gather.py tests/test_kernels_compile_check.py \
+	tests/test_model.py tests/test_train.py tests/test_distributed_fsdp.py tests/test_distributed_launch.py
+
+.PHONY: test-compat compile-check-compat
+
+$(COMPAT_VENV)/.compat-installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_SPEC) -e ".[demo]" "pytest>=8"
+	@touch $@
+
+# The ViT-H compile test is left to compile-check-compat, which compiles a superset of it.
+test-compat: $(COMPAT_VENV)/.compat-installed
+	$(COMPAT_VENV)/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS) $(COMPAT_TESTS) \
+		--deselect tests/test_kernels_compile_check.py::test_vith_kernels_compile_for_sm90a
+
+compile-check-compat: $(COMPAT_VENV)/.compat-installed
+	env -u TRITON_INTERPRET $(COMPAT_VENV)/bin/python -m scalejepa.kernels.compile_check --target sm_90a,sm_80

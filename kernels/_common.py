@@ -6,7 +6,9 @@ works; only launching a Triton kernel raises (``require_triton``).
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +50,29 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+@functools.cache
+def interpreter_problem() -> str:
+    """Why the installed Triton interpreter cannot run these kernels, or "" if it can.
+
+    Triton's interpreter before 3.7 holds a scalar as a 1-element array and turns it into a
+    Python int with ``int(array)``, which NumPy 2.4 made a TypeError: every loop whose bounds
+    are loaded (all of ours: sequence offsets) then fails with "only 0-dimensional arrays can
+    be converted to Python scalars" (triton-lang/triton#9171, fixed in 3.7; compiled kernels
+    are unaffected)."""
+    import numpy
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter cannot run with NumPy {numpy.__version__} (it converts "
+                "scalars with int(array), an error since NumPy 2.4; fixed in Triton 3.7): "
+                "`pip install 'numpy<2.4'` or a newer triton")
+    return ""
+
+
 def require_triton(kernel, device: torch.device, what: str, reference: str) -> None:
     """Raise a clear RuntimeError if ``kernel`` cannot run on ``device``."""
     if not HAS_TRITON:
@@ -61,6 +86,9 @@ def require_triton(kernel, device: torch.device, what: str, reference: str) -> N
             "To run them on CPU (slowly, for tests) set TRITON_INTERPRET=1 in the environment "
             f"before scalejepa.kernels is imported, or use {reference} (plain PyTorch)."
         )
+    if is_interpreted(kernel) and interpreter_problem():
+        raise RuntimeError(f"{what} cannot run under TRITON_INTERPRET=1 here: {interpreter_problem()}; "
+                           f"or use {reference} (plain PyTorch).")
 
 
 def autotune_enabled() -> bool:

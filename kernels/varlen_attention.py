@@ -52,8 +52,9 @@ always run. Under ``torch.compile`` the checks of values run inside the custom o
 Devices: CUDA tensors run compiled kernels (autotuned per head-dim block, sequence-length
 bucket and dtype; ``SCALEJEPA_AUTOTUNE=0`` uses the default configuration). CPU tensors run only
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before import; slow, for tests).
-The Triton 3.9 interpreter multiplies bfloat16 ``tl.dot`` operands as raw integers, so under
-the interpreter bf16 operands are upcast to float32 first (exact); compiled kernels never do.
+The Triton interpreter (3.6 and 3.9 alike) multiplies bfloat16 ``tl.dot`` operands as raw
+integers, so under the interpreter bf16 operands are upcast to float32 first (exact); compiled
+kernels never do.
 
 Custom ops: ``scalejepa::varlen_attn_fwd`` -> ``(out, lse)`` and ``scalejepa::varlen_attn_bwd`` ->
 ``(dq, dk, dv)``, with fake (meta) implementations and autograd, so ``torch.compile(fullgraph=True)``
@@ -398,7 +399,12 @@ def _c(block_m: int, block_n: int, warps: int, stages: int) -> LaunchConfig:
 # spills at the model head dims; 128-row own blocks need 8 warps once BLOCK_D = 128 (head dims
 # 80, 88), and the first config of each pre-survey list spilled there or at head dim 64
 # (fwd 128x64 w4: 280 B stack on sm_90a at 80; dkdv 32x128 w4: 32 B at 64); fwd 32x64 w4
-# spilled 8 B on sm_80 at BLOCK_D 128.
+# spilled 8 B on sm_80 at BLOCK_D 128. The lists must also hold under Triton 3.6 (the GPU image's),
+# whose code generation spilled two configs that 3.9 kept at the edge: dq 32x64 w4 s2 at BLOCK_D
+# 128 (sm_90a: 168 regs + 8 B stack; 3.9: 174 regs) and dkdv 64x128 w8 s3 at BLOCK_D 64 (sm_80:
+# 255 regs + 24 B; 3.9: 255 regs). Their replacements keep the tile of the program and halve the
+# registers per thread: dq 32x64 with 8 warps (3.6 / 3.9: 100 / 98 regs sm_90a, 126 / 126 sm_80)
+# and dkdv with a 32-row query block (164 / 164 sm_90a, 192 / 186 sm_80).
 GPU_CANDIDATES: dict[str, dict[int, tuple[LaunchConfig, ...]]] = {
     "fwd": {
         32: (_c(128, 64, 8, 4), _c(128, 128, 8, 3), _c(64, 64, 4, 3), _c(64, 32, 4, 2)),
@@ -408,14 +414,14 @@ GPU_CANDIDATES: dict[str, dict[int, tuple[LaunchConfig, ...]]] = {
     },
     "dkdv": {
         32: (_c(32, 64, 4, 2), _c(64, 128, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
-        64: (_c(32, 64, 4, 2), _c(64, 128, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
+        64: (_c(32, 64, 4, 2), _c(32, 128, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
         128: (_c(64, 64, 8, 3), _c(32, 32, 4, 2), _c(16, 32, 4, 1)),
         256: (_c(16, 32, 4, 1),),
     },
     "dq": {
         32: (_c(64, 64, 4, 3), _c(128, 64, 8, 3), _c(64, 32, 4, 2), _c(32, 16, 4, 1)),
         64: (_c(128, 64, 8, 3), _c(64, 64, 4, 3), _c(64, 32, 4, 2), _c(32, 16, 4, 1)),
-        128: (_c(128, 32, 8, 3), _c(64, 64, 8, 3), _c(32, 64, 4, 2), _c(32, 32, 4, 2)),
+        128: (_c(128, 32, 8, 3), _c(64, 64, 8, 3), _c(32, 64, 8, 2), _c(32, 32, 4, 2)),
         256: (_c(32, 16, 4, 1),),
     },
 }

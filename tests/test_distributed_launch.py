@@ -82,6 +82,25 @@ def test_slurm_batch_script(tmp_path, slurm_shims):
     assert sorted(losses(run_dir)) == [1, 2]
 
 
+@pytest.mark.parametrize("torchrun", ["installed", "without --shutdown-timeout"])
+def test_slurm_passes_shutdown_timeout_only_to_a_torchrun_that_has_it(tmp_path, slurm_shims, torchrun):
+    """torch 2.11's torchrun has no --shutdown-timeout: the script omits it there and says so.
+    "without": a PYTHON that hides the flag from torchrun's --help, as an older torch's does."""
+    from torch.distributed.run import get_args_parser
+
+    python = sys.executable
+    has_flag = "--shutdown-timeout" in get_args_parser().format_help()
+    if torchrun != "installed":
+        python, has_flag = tmp_path / "python", False
+        python.write_text(f'#!/usr/bin/env bash\n"{sys.executable}" "$@" | sed s/--shutdown-timeout/--gone/\n')
+        python.chmod(0o755)
+    env = {**slurm_env(tmp_path / "run", slurm_shims), "DRY_RUN": "1", "SHUTDOWN_TIMEOUT": "123", "PYTHON": str(python)}
+    proc = launch("slurm.sbatch", *TRAIN_ARGS, env=env)
+    assert ("--shutdown-timeout=123" in proc.stdout) == has_flag, proc.stdout
+    assert ("has no --shutdown-timeout" in proc.stderr) == (not has_flag), proc.stderr
+    assert "--signals-to-handle=" in proc.stdout and not (tmp_path / "run").exists()
+
+
 def test_slurm_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, slurm_shims):
     """USR1 to the batch script (sbatch --signal=B:USR1@...): it forwards TERM to the step
     (scancel), torchrun forwards it to the trainer, which commits a checkpoint and writes

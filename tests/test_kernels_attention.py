@@ -23,6 +23,20 @@ common = importlib.import_module("scalejepa.kernels._common")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+triton_only = pytest.mark.skipif(not common.HAS_TRITON, reason="needs the triton package")
+
+if common.HAS_TRITON:
+    import triton.language as tl
+
+    @common.jit
+    def _dot_kernel(A, B, OUT, UPCAST: tl.constexpr):
+        """OUT = A @ B for one 16 x 16 tile through the attention kernels' _dot."""
+        rows = tl.arange(0, 16)
+        offs = rows[:, None] * 16 + rows[None, :]
+        acc = attn_mod._dot(tl.load(A + offs), tl.load(B + offs), tl.zeros([16, 16], dtype=tl.float32), UPCAST, None)
+        tl.store(OUT + offs, acc)
+
+
 # Tolerances vs the float32 reference computed from the same (rounded) inputs, as (error
 # allowed per element relative to the tensor's max magnitude, elementwise rtol, Frobenius-norm
 # relative error). bf16/fp16 round P and dS to 16 bits before their matmuls (as FlashAttention
@@ -141,6 +155,48 @@ def test_lse_output():
         torch.testing.assert_close(lse[:, start:start + n], want.detach(), atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- bf16: the dtype switches
+# The interpreter holds bf16 as raw 16-bit integers and multiplies those in tl.dot, so under it
+# the launcher upcasts bf16 dot operands to float32 (UPCAST); compiled kernels never do, which is
+# why the compiled bf16 path (tests marked gpu, kernels/compile_check.py) never ran on CPU.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_upcast_and_precision_switches(dtype, interpreted):
+    q = torch.empty(7, 2, 24, dtype=dtype, device="meta")
+    consts = attn_mod._kernel_consts(24, dtype, interpreted, (q,))
+    assert consts["UPCAST"] is (interpreted and dtype == torch.bfloat16)
+    assert consts["PRECISION"] == ("ieee" if dtype == torch.float32 else None)  # no TF32 for float32 inputs
+    assert (consts["HEAD_DIM"], consts["BLOCK_D"], consts["EVEN_D"]) == (24, 32, False)
+
+
+@triton_only
+@pytest.mark.parametrize("upcast", [True, False])
+def test_dot_helper_bf16(upcast):
+    """attn_mod._dot on bf16 tiles of small integers (every product and sum exact in float32).
+    Compiled (GPU), bf16 tensor cores are exact here with or without UPCAST; under the
+    interpreter only UPCAST is: if the interpreter ever multiplies bf16 right, drop the switch."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-4, 5, (16, 16), generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    out = torch.empty(16, 16, device=DEVICE)
+    _dot_kernel[(1,)](a, b, out, UPCAST=upcast)
+    want = a.float() @ b.float()
+    if upcast or DEVICE == "cuda":
+        assert torch.equal(out, want)
+    else:
+        assert not torch.allclose(out, want), "the interpreter's bf16 tl.dot is right now: UPCAST can go"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_outputs_and_gradients_keep_the_input_dtype(dtype):
+    """out, dq, dk, dv come back in the input dtype (float32 accumulation inside), lse in float32."""
+    q, k, v = make_qkv(9, 2, 16, dtype)
+    out, lse = torch.ops.scalejepa.varlen_attn_fwd(q, k, v, make_cu([4, 5]), 5, 0.25, True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert [g.dtype for g in grads] == [dtype] * 3
+    assert all(torch.isfinite(g.float()).all() for g in (out, *grads))
+
+
 def test_reference_matches_sdpa_per_sequence():
     lengths = [7, 0, 1, 12]
     q, k, v = make_qkv(sum(lengths), 3, 24, torch.float32)
@@ -226,6 +282,29 @@ def test_cpu_without_interpreter_raises():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+@triton_only
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.10.0+git1a2b", "2.5.0.dev0", False)])
+def test_interpreter_refused_where_triton_and_numpy_clash(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter and NumPy >= 2.4 fail inside every loop with a TypeError about
+    0-dimensional arrays (triton-lang/triton#9171): the launcher says that, and what to install."""
+    import numpy
+
+    monkeypatch.setattr(common.triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    common.interpreter_problem.cache_clear()
+    try:
+        assert bool(common.interpreter_problem()) is refused
+        interpreted = type("InterpretedFunction", (), {})()
+        if refused:
+            with pytest.raises(RuntimeError, match=r"cannot run under TRITON_INTERPRET=1.*numpy<2\.4.*_reference"):
+                common.require_triton(interpreted, torch.device("cpu"), "varlen_attention", "varlen_attention_reference")
+        else:
+            common.require_triton(interpreted, torch.device("cpu"), "varlen_attention", "varlen_attention_reference")
+    finally:
+        common.interpreter_problem.cache_clear()
 
 
 def test_import_without_triton():

@@ -59,6 +59,18 @@ def test_check_iterates_the_launchers_own_config_objects():
             assert attn._default_config(kind, tier, torch.float32) is configs[-1]
 
 
+def test_bf16_variants_compile_the_bf16_dot_path():
+    """What the check compiles for bf16 is the GPU launch: bf16 tensors into tl.dot, no
+    interpreter upcast, tensor-core precision (ieee only for float32)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for v in attn.compile_variants(80, dtype):
+            assert v.args[0].dtype == dtype  # q (O in the preprocess kernel)
+            if "UPCAST" in v.constexprs:
+                assert [a.dtype for a in v.args[:3]] == [dtype] * 3  # q, k, v
+                assert v.constexprs["UPCAST"] is False
+                assert v.constexprs["PRECISION"] == ("ieee" if dtype == torch.float32 else None)
+
+
 def test_verdicts():
     ok = {"ok": True, "shared_bytes": 100 * 1024, "stack_bytes": 0, "local_bytes": 0}
     plain = attn.candidates("fwd", 128)[0]
