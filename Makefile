@@ -54,18 +54,21 @@ clean:
 # A second virtual environment. PyPI's torch 2.11.0 is a CUDA build (530 MB wheel plus ~1.2 GB
 # of nvidia-* wheels, 5.2 GB installed); it runs on CPU. NumPy < 2.4: Triton 3.6's interpreter
 # fails with NumPy 2.4 (triton-lang/triton#9171, fixed in 3.7; see kernels/_common.py).
-#   make test-compat           kernel, model, single-process and FSDP2 training, launch tests
+#   make test-compat           kernel, model, single-process and FSDP2 training, launch, export tests
 #   make compile-check-compat  every kernel variant compiled by Triton 3.6 for sm_90a and sm_80
 COMPAT_VENV ?= .venv-compat
-COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0 "numpy<2.4"
+# torchvision 0.26.0 is torch 2.11.0's (a CUDA build too): timm needs it, so the export tests
+# load our timm directories in real timm here (the main venv's CPU torch 2.13 has no torchvision).
+COMPAT_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
 COMPAT_TESTS ?= tests/test_kernels_attention.py tests/test_kernels_gather.py tests/test_kernels_compile_check.py \
-	tests/test_model.py tests/test_train.py tests/test_distributed_fsdp.py tests/test_distributed_launch.py
+	tests/test_model.py tests/test_train.py tests/test_distributed_fsdp.py tests/test_distributed_launch.py \
+	tests/test_weights_out.py
 
 .PHONY: test-compat compile-check-compat
 
 $(COMPAT_VENV)/.compat-installed: pyproject.toml
 	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_SPEC) -e ".[demo]" "pytest>=8"
+	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_SPEC) -e ".[demo,hub]" "pytest>=8"
 	@touch $@
 
 # The ViT-H compile test is left to compile-check-compat, which compiles a superset of it.
