@@ -14,13 +14,12 @@ from _distributed import REPO, subprocess_env
 
 from scalejepa import flops
 from scalejepa.config import ConfigError, load_config
-from scalejepa.masks import MaskGenerator, mask_rng
 from scalejepa.plan import cli
 from scalejepa.plan import hardware
 from scalejepa.plan.hardware import GPU_KINDS, Cluster, parse_cluster
 from scalejepa.plan.planner import max_micro_batch, price, report
 from scalejepa.plan.timeline import LATENCY_INTRA_S, schedule
-from scalejepa.plan.trace import Collective, Label, Op, StepTrace, trace_step
+from scalejepa.plan.trace import Collective, Label, Op, StepTrace, mask_batches, trace_step
 
 # A small custom shape: two blocks, a one-block predictor, micro-batch 4.
 SMALL = ["model.arch=custom", "model.width=64", "model.depth=2", "model.heads=2", "model.pred_depth=1",
@@ -66,11 +65,9 @@ def test_fake_world_of_two_equals_a_real_two_rank_run(two_rank_real):
 
 
 def _analytic_flops(config, trace: StepTrace) -> float:
-    """scalejepa.flops on the masks the trace drew (rank 0, steps 0..traced-1)."""
-    grid = config.model.image_size // config.model.patch_size
-    generator = MaskGenerator(grid, config.mask)
-    return sum(flops.batch_flops(config, generator(trace.micro_batch, mask_rng(0, 0, 0, i))).total
-               for i in range(trace.micro_batches_traced))
+    """scalejepa.flops on the mask batches the trace ran (rank 0)."""
+    masks = mask_batches(config, trace.micro_batch, trace.micro_batches_traced, 0, 0, trace.masks)
+    return sum(flops.batch_flops(config, m).total for m in masks)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -160,7 +157,7 @@ def test_collectives_across_nodes_use_the_network():
 
 def test_max_batch_is_the_largest_traced_micro_batch_that_fits():
     config = load_config("debug_cpu", [*SMALL, "train.batch_size=64"])
-    small = trace_step(config, 1, micro_batch=8, record_ops=False).peak_bytes / 2**30
+    small = trace_step(config, 1, micro_batch=8, record_ops=False, masks="largest").peak_bytes / 2**30
     budget = 1.3 * small  # room for about a third more images than 8
     gpu = dataclasses.replace(GPU_KINDS["h100-sxm"], memory_gib=(budget + hardware.RESERVED_GIB) / (1 - hardware.FRAGMENTATION))
     cluster = Cluster(gpu, 1, 1)
@@ -169,7 +166,8 @@ def test_max_batch_is_the_largest_traced_micro_batch_that_fits():
     assert 8 <= best < 64
     peaks = found["traced_peaks_gib"]
     assert peaks[best] <= cluster.usable_gib()
-    assert trace_step(config, 1, micro_batch=best + 1, record_ops=False).peak_bytes / 2**30 > cluster.usable_gib()
+    one_more = trace_step(config, 1, micro_batch=best + 1, record_ops=False, masks="largest")
+    assert one_more.peak_bytes / 2**30 > cluster.usable_gib()
     assert 64 % found["micro_batch_for_global_batch"] == 0
 
 

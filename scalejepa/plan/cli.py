@@ -66,7 +66,7 @@ def plan(args: argparse.Namespace) -> dict:
     result.update(preset=args.config, overrides=list(args.overrides), calibration=calibration,
                   traced_on=provenance())
     if args.max_batch:
-        result.update(max_micro_batch(priced.config, cluster, first=priced.trace, progress=progress))
+        result.update(max_micro_batch(priced.config, cluster, first=priced.peak_trace, progress=progress))
     if args.recommend:
         result["recommendation"] = recommend(priced, cluster, efficiency=efficiency, progress=progress)
     return result
@@ -95,7 +95,7 @@ def text(r: dict) -> str:
          "PREDICTED from a traced CPU step (roofline at achievable rates); no GPU measured this"),
         f"  config: {r['label']}, {r['precision']}, attention {r['attn_impl']}, mask.context {r['mask_context']}, "
         f"micro-batch {r['micro_batch_per_gpu']} x accum {r['grad_accum']} x {r['world_size']} GPUs = {r['global_batch']}",
-        "  memory per GPU at the peak (GiB): " + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "peak")
+        "  memory per GPU, largest of 16 mask draws (GiB): " + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "peak")
         + f"  | peak {m['peak']:.2f} of {r['usable_gib']:.1f} usable -> " + ("fits" if r["fits"] else "DOES NOT FIT"),
         f"  step {ms(r['step_time_s'])} ms = target fwd {ms(ph['target_forward'])} + context+predictor "
         f"{ms(ph['context_predictor'])} + backward {ms(ph['backward'])} + optimizer {ms(ph['optimizer'])} + EMA "

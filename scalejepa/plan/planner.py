@@ -43,26 +43,31 @@ class Priced:
 
     label: str
     config: Config
-    memory: dict[str, float]  # GiB by category + peak
+    memory: dict[str, float]  # GiB by category + peak, on the largest mask draws
     step: StepTime
     micro_batch: int
     grad_accum: int
     analytic: bool = False  # True when part of it is not traced (DeepSpeed)
-    trace: StepTrace | None = None
+    trace: StepTrace | None = None  # the typical step (time)
+    peak_trace: StepTrace | None = None  # the step with the largest mask draws (memory)
     traced_as: dict[str, str] = dataclasses.field(default_factory=dict)  # stand-ins the trace used
 
 
 def price(config: Config, cluster: Cluster, *, efficiency: dict[str, float] | None = None,
           label: str = "", progress: Callable[[str], None] | None = None) -> Priced:
+    """Trace ``config`` on ``cluster``'s world size and schedule it on its GPUs (DeepSpeed:
+    see the module docstring); ``efficiency``: per-phase factors from ``--calibrate``."""
     requested, config = config, planning_config(config)
     check_plannable(config, cluster.world_size)
     if progress:
         progress(f"tracing {label or config.distributed.backend} on {cluster.world_size} ranks ...")
     if config.distributed.backend == "deepspeed":
         return _price_deepspeed(config, cluster, efficiency, label)
-    trace = trace_step(config, cluster.world_size)
-    return Priced(label or config.distributed.backend, config, trace.memory_gib(), schedule(trace, cluster, efficiency),
-                  trace.micro_batch, trace.grad_accum, trace=trace, traced_as=_stand_ins(requested, config))
+    trace = trace_step(config, cluster.world_size)  # a typical step: its time
+    peak = trace_step(config, cluster.world_size, masks="largest", record_ops=False)  # the run's peak memory
+    return Priced(label or config.distributed.backend, config, peak.memory_gib(), schedule(trace, cluster, efficiency),
+                  trace.micro_batch, trace.grad_accum, trace=trace, peak_trace=peak,
+                  traced_as=_stand_ins(requested, config))
 
 
 def _stand_ins(requested: Config, traced: Config) -> dict[str, str]:
@@ -88,9 +93,9 @@ def _price_deepspeed(config: Config, cluster: Cluster, efficiency, label: str) -
     accum = config.train.grad_accum
     micro = config.train.batch_size // world // accum
     # The replica's compute and activations: the one-device step at the same micro-batch.
-    local = trace_step(_with(config, distributed={"backend": "none"},
-                             train={"batch_size": micro * accum}), 1)
-    step = schedule(local, cluster, efficiency)
+    replica = _with(config, distributed={"backend": "none"}, train={"batch_size": micro * accum})
+    step = schedule(trace_step(replica, 1), cluster, efficiency)
+    local = trace_step(replica, 1, masks="largest", record_ops=False)
     params = flops.param_counts(config)
     trained, target = params["trainable"], params["target"]
     per_node, nodes = cluster.per_node, cluster.nodes
@@ -160,7 +165,8 @@ def max_micro_batch(config: Config, cluster: Cluster, first: StepTrace | None = 
     grad-accumulation that keeps the preset's global batch. Peak memory is nearly affine in
     the micro-batch, so the search brackets the answer between a traced micro-batch that
     fits and one that does not, and traces where the line through the nearest two points
-    crosses the usable memory (a secant search; a handful of traces)."""
+    crosses the usable memory (a secant search; a handful of traces). Every trace runs the
+    largest of its mask draws: the step that would run out of memory first."""
     config = planning_config(config)
     world, usable = cluster.world_size, cluster.usable_gib()
     cap = config.train.batch_size // world  # no GPU needs more than its share of the global batch
@@ -170,7 +176,7 @@ def max_micro_batch(config: Config, cluster: Cluster, first: StepTrace | None = 
         if progress:
             progress(f"max-batch: tracing micro-batch {batch} ...")
         probe = _with(config, train={"batch_size": batch * world, "grad_accum": 1})
-        peaks[batch] = trace_step(probe, world, record_ops=False).peak_bytes / GIB
+        peaks[batch] = trace_step(probe, world, record_ops=False, masks="largest").peak_bytes / GIB
 
     b0 = max(1, cap // config.train.grad_accum)
     if first is not None and first.grad_accum == 1:

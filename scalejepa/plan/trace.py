@@ -52,6 +52,7 @@ PHASE_NAMES = {PHASE_TARGET_FORWARD: "target_forward", PHASE_CONTEXT_PREDICTOR: 
                PHASE_BACKWARD: "backward", PHASE_OPTIMIZER: "optimizer", PHASE_EMA: "ema"}
 PHASES = tuple(PHASE_NAMES.values())
 UPDATE_LABEL = "scalejepa/update"  # marks the end of the micro-batches in a trace
+MASK_DRAWS = 16  # mask batches drawn to pick the traced ones from (mask_batches)
 
 # Memory categories of the two trackers -> the planner's.
 _CATEGORY = {
@@ -108,12 +109,11 @@ class StepTrace:
     micro_batch: int
     micro_batches_traced: int
     grad_accum: int
+    masks: str = "typical"  # which mask draws were traced (mask_batches)
     events: list = field(default_factory=list)  # Op | Collective | Label, in program order
     memory: dict[str, float] = field(default_factory=dict)  # category -> the most it holds during the step
     memory_at_peak: dict[str, float] = field(default_factory=dict)  # category -> bytes when the total peaks
     peak_bytes: float = 0.0
-    context_tokens: int = 0  # per traced micro-batch, summed
-    target_tokens: int = 0
 
     def memory_gib(self) -> dict[str, float]:
         """The most each category holds during the step, and the peak of their total."""
@@ -384,12 +384,31 @@ class _Batch:
     masks: object
 
 
+def mask_batches(config: Config, micro: int, count: int, rank: int, seed: int, masks: str):
+    """``count`` of training's own mask batches for the traced micro-batches. Their token
+    counts vary from step to step (block sizes are drawn per batch; truncation cuts to the
+    batch's shortest context), and so do a step's time and memory: ``typical`` takes the
+    draws nearest the median token count of :data:`MASK_DRAWS` draws, ``largest`` the
+    largest ones (the step that sets the peak memory over a run)."""
+    grid = config.model.image_size // config.model.patch_size
+    generator = MaskGenerator(grid, config.mask)
+    draws = [generator(micro, mask_rng(seed, rank, 0, i)) for i in range(MASK_DRAWS)]
+    # Tokens the encoders and the predictor process: the context once in the encoder and once
+    # per target block in the predictor, plus the target blocks' mask tokens.
+    draws.sort(key=lambda m: m.context_tokens * (1 + m.num_targets) + m.target_tokens)
+    if masks == "largest":
+        return draws[-count:]
+    middle = (MASK_DRAWS - count) // 2
+    return draws[middle:middle + count]
+
+
 def trace_step(config: Config, world_size: int, *, micro_batch: int | None = None, fake: bool = True,
-               record_ops: bool = True, seed: int = 0) -> StepTrace:
+               record_ops: bool = True, masks: str = "typical", seed: int = 0) -> StepTrace:
     """Trace one optimizer step of ``config`` on rank 0 of ``world_size`` ranks (see the
     module docstring). ``micro_batch`` overrides the per-rank micro-batch (the global batch
     and grad-accumulation then follow from it); the step traces up to two micro-batches
-    (the second one sees the first one's gradients, as every later one does)."""
+    (the second one sees the first one's gradients, as every later one does) on ``masks``
+    mask batches (:func:`mask_batches`)."""
     config = planning_config(config)
     if micro_batch is not None:
         t = config.train
@@ -403,12 +422,8 @@ def trace_step(config: Config, world_size: int, *, micro_batch: int | None = Non
     micro = per_rank // accum
     traced = min(accum, 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    grid = config.model.image_size // config.model.patch_size
-    generator = MaskGenerator(grid, config.mask)
-    masks = [generator(micro, mask_rng(seed, rank, 0, i)) for i in range(traced)]
-    trace = StepTrace(config, world_size, micro, traced, accum,
-                      context_tokens=sum(m.context_tokens for m in masks),
-                      target_tokens=sum(m.target_tokens for m in masks))
+    batches_masks = mask_batches(config, micro, traced, rank, seed, masks)
+    trace = StepTrace(config, world_size, micro, traced, accum, masks=masks)
     device = torch.device("cpu")
     env = DistEnv(rank, world_size, 0, device)
     image_shape = (micro, config.model.in_chans, config.model.image_size, config.model.image_size)
@@ -417,7 +432,7 @@ def trace_step(config: Config, world_size: int, *, micro_batch: int | None = Non
         engine = build_engine(config, env, meta_init=fake)
         _create_optimizer_state(engine)
         images = torch.empty(image_shape) if fake else torch.randn(image_shape)
-        batches = iter([_Batch(images, m) for m in masks])
+        batches = iter([_Batch(images, m) for m in batches_masks])
         tracker = _memory_tracker(engine, config.distributed.backend)
         recorder = StepRecorder() if record_ops else contextlib.nullcontext()
         with tracker, recorder:
