@@ -146,7 +146,7 @@ def row_bootstrap(rows: sweep_fit.Rows, par: sweep_fit.ParametricFit, budget: fl
     return {k: tuple(np.percentile(v, [10, 90])) if v else (None, None) for k, v in values.items()}
 
 
-def run_case(case: Case, draws: int, bootstrap: int, seed: int) -> dict:
+def run_case(case: Case, draws: int, bootstrap: int, seed: int, forecast: bool = True) -> dict:
     rng = np.random.default_rng(seed)
     tallies: dict[str, Tally] = {}
 
@@ -174,7 +174,7 @@ def run_case(case: Case, draws: int, bootstrap: int, seed: int) -> dict:
             par = sweep_fit.fit_parametric(rows)
             for key, (lo, hi) in row_bootstrap(rows, par, budget, bootstrap, rng).items():
                 tally("bootstrap", key).add(lo, hi, truth[key], False)
-        if case.budgets:
+        if forecast and case.budgets:
             held_out = max(case.budgets)
             fc = sweep_forecast.forecast_rows(raw, "knn_err", held_out, held_out)
             truth_held = case.truth(held_out)

@@ -176,6 +176,7 @@ def _forecast(args: argparse.Namespace) -> dict:
     """A new forecast, or the existing one with the held-out runs' measurement added."""
     from scalejepa.io import atomic_write_text
     from scalejepa.sweep import forecast as fc
+    from scalejepa.sweep import plan as plan_mod
     from scalejepa.sweep.collect import read_rows
 
     if args.runs:

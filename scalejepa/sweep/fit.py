@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from scalejepa.sweep import profile
-from scalejepa.sweep.powerlaw import HUBER_DELTA, fit_sum_of_powers
+from scalejepa.sweep.powerlaw import HUBER_DELTA, bounds, fit_sum_of_powers
 
 INTERVAL = 0.8
 
@@ -163,7 +163,32 @@ def parametric_intervals(fit: ParametricFit, budget: float, level: float = INTER
         "parametric_exponent": (profile.exponent_quantity(), float),
         "n_opt_parametric": (profile.n_opt_quantity(fit.log_c(budget)), lambda v: _exp(v + m_n)),
     }
-    return {key: _reported(prof.interval(q), to) for key, (q, to) in quantities.items()}
+    bands = {key: _reported(prof.interval(q), to) for key, (q, to) in quantities.items()}
+    for key, names in edge_parameters(fit.theta).items():
+        bands[key]["at_edge"] = names
+    return bands
+
+
+# Which reported quantities a parameter of theta = (e, a', alpha, b', beta) moves.
+_DEPENDENTS = (("E",), ("A", "alpha", "parametric_exponent", "n_opt_parametric"),
+               ("A", "alpha", "parametric_exponent", "n_opt_parametric"),
+               ("B", "beta", "parametric_exponent", "n_opt_parametric"),
+               ("B", "beta", "parametric_exponent", "n_opt_parametric"))
+_THETA_NAMES = ("E", "A", "alpha", "B", "beta")
+
+
+def edge_parameters(theta: np.ndarray) -> dict[str, list[str]]:
+    """{reported key: the parameters at the edge of the search box that it depends on}.
+
+    A best fit at the box's edge (a term pushed to vanish, or to an extreme exponent that
+    follows the noise of a few runs) is where the profile's likelihood-ratio calibration
+    fails: the coverage simulation found such intervals excluding the truth in most draws."""
+    out: dict[str, list[str]] = {}
+    for value, (lo, hi), name, keys in zip(theta, bounds(2), _THETA_NAMES, _DEPENDENTS):
+        if min(value - lo, hi - value) < 1e-6 * max(1.0, abs(value)):
+            for key in keys:
+                out.setdefault(key, []).append(name)
+    return out
 
 
 def _reported(interval: profile.Interval, to) -> dict[str, Any]:
@@ -187,8 +212,8 @@ def isoflop_profiles(rows: Rows) -> list[dict[str, Any]]:
         flops = float(np.exp(np.mean(np.log(rows.flops[index]))))
         entry = {"budget": float(label), "flops": flops, "coeffs": [float(q2), float(q1), float(q0)],
                  "log_params": [float(v) for v in x], "metric": [float(v) for v in y], "n_opt": None}
-        if q2 <= 0:
-            entry["no_minimum"] = "the parabola opens downwards"
+        if q2 * np.ptp(x) ** 2 <= 1e-9 * np.abs(y).max():  # flat to rounding: the sign of q2 means nothing
+            entry["no_minimum"] = "the profile is flat or the parabola opens downwards"
         elif not x.min() <= -q1 / (2 * q2) <= x.max():
             entry["no_minimum"] = "its vertex lies outside the sampled sizes"
         else:
@@ -300,12 +325,18 @@ MEANING = {
     "isoflop_exponent": "the IsoFLOP exponent a of N_opt = k C^a",
     "n_opt_isoflop": "the compute-optimal model size N_opt from the IsoFLOP fit",
 }
+_SIZES = ("the runs vary model size too little, or the model-size term is small next to the run-to-run noise: add "
+          "model sizes (wider apart) or seeds")
+_DATA = ("the runs vary the images seen per model too little, or the data term is small next to the noise: add "
+         "budgets (wider apart)")
+_BUDGETS = "too few budgets, or budgets too close together: add budgets (wider apart)"
 HINT = {
-    "alpha": "the runs vary model size too little, or the model-size term is small next to the run-to-run noise: "
-             "add model sizes (wider apart) or seeds",
-    "beta": "the runs vary the images seen per model too little, or the data term is small next to the noise: "
-            "add budgets",
+    "alpha": _SIZES, "A": _SIZES, "beta": _DATA, "B": _DATA,
     "E": "E trades off against the slower of the two terms: budgets further apart, or larger ones, pin it down",
+    "parametric_exponent": f"{_SIZES}; or {_DATA}", "n_opt_parametric": f"{_SIZES}; or {_DATA}",
+    "isoflop_exponent": "too few budgets with a minimum inside their sizes: add sizes around each budget's optimum",
+    "n_opt_isoflop": "too few budgets with a minimum inside their sizes: add sizes around each budget's optimum",
+    "frontier_E": _BUDGETS, "frontier_A": _BUDGETS, "frontier_alpha": _BUDGETS,
 }
 
 
@@ -314,21 +345,25 @@ HINT = {
 # Amplitudes (A, B, frontier A) are exempt: at N = 1 they are extrapolations whose
 # intervals are wide by nature; only an open interval flags them.
 WIDE_FACTOR = 10.0
+# IsoFLOP profiles over sizes further apart than this get a warning (the parabola's bias).
+ISOFLOP_SPAN = 30.0
 AMPLITUDES = ("A", "B", "frontier_A")
 
 
 def undetermined_text(key: str, value: float | None, band: dict[str, Any]) -> str | None:
     """A sentence for a newcomer when ``band`` says the rows do not determine ``key``; else None."""
-    lo, hi, ends = band["lo"], band["hi"], band["open"]
+    lo, hi, ends, edge = band["lo"], band["hi"], band["open"], band.get("at_edge")
     wide = (key not in AMPLITUDES and lo is not None and lo > 0 and (hi is None or hi > WIDE_FACTOR * lo))
-    if not ends and not wide:
+    if not ends and not wide and not edge:
         return None
     why = (f"its 80% interval stays open to the end of the search range ({' and '.join(ends)})" if ends else
-           f"its 80% interval spans more than a factor of {WIDE_FACTOR:g}")
-    hint = HINT.get(key, HINT["alpha"] if key in ("A", "parametric_exponent", "n_opt_parametric") else
-                    "the best runs of too few budgets: add budgets")
-    return (f"{MEANING.get(key, key)} is not determined by these runs: every value from {_num(lo)} to {_num(hi)} "
-            f"fits them about as well as the best fit ({_num(value)}); {why}, so its number means little. "
+           f"its 80% interval spans more than a factor of {WIDE_FACTOR:g}" if wide else
+           f"the best fit puts {' and '.join(edge)} at the edge of the search range (a term pushed to vanish, or to "
+           "an extreme exponent that follows the noise of a few runs), where its interval cannot be trusted")
+    hint = HINT[key]
+    span = (f"every value from {_num(lo)} to {_num(hi)} fits them about as well as the best fit ({_num(value)})"
+            if not edge or ends or wide else f"the best fit is {_num(value)}, its interval [{_num(lo)}, {_num(hi)}]")
+    return (f"{MEANING.get(key, key)} is not determined by these runs: {span}; {why}, so its number means little. "
             f"Likely cause: {hint}.")
 
 
@@ -399,6 +434,12 @@ def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float 
     if bootstrap and iso is not None and failed > bootstrap / 2:
         warnings.append(f"{failed} of {bootstrap} IsoFLOP refits on resampled runs failed: its interval comes from the "
                         "few resamples that could be fitted and understates the uncertainty")
+    spans = [math.exp(np.ptp(p["log_params"])) for p in (iso or {}).get("profiles", []) if p["n_opt"] is not None]
+    if spans and max(spans) > ISOFLOP_SPAN:
+        warnings.append(f"the IsoFLOP parabolas span model sizes up to {max(spans):.0f}x apart: over more than "
+                        f"~{ISOFLOP_SPAN:g}x a parabola in log N is a poor description and its minimum is biased, which "
+                        "the bootstrap interval does not include (fit_coverage measured 22% coverage over 3,000x); "
+                        "prefer the parametric N_opt, or sample sizes closer to each budget's optimum")
     if frontier is not None and not frontier["intervals"]:
         warnings.append("3 budgets for the frontier's 3 parameters: it passes through their best runs exactly, so it "
                         "has no interval; add a budget")

@@ -65,12 +65,17 @@ def predict(train: Sequence[dict[str, Any]], metric: str, budget_flops: float) -
     values = {**par.values, "parametric_exponent": float(par.theta[4] / (par.theta[2] + par.theta[4])),
               "n_opt_parametric": par.n_opt(budget_flops)}
     undetermined = {key: text for key, band in law.items() if (text := undetermined_text(key, values[key], band))}
+    if "n_opt_parametric" in undetermined and not opened["n_opt"]:
+        undetermined["predicted_n_opt"] = ("the forecast's N_opt rests on parameters the smaller budgets do not "
+                                           "determine (see n_opt_parametric)")
     for name, ends in opened.items():
         if ends:
             undetermined[f"predicted_{name}"] = (f"the forecast's {'best error' if name == 'err' else 'N_opt'} is not "
                                                  f"determined by the smaller budgets: its interval stays open "
                                                  f"({' and '.join(ends)}) to the end of the search range")
+    residuals = profile.objective_residuals(par.theta, par.logs, np.log(par.metric))
     return {
+        "noise_sd": float(np.sqrt(np.sum(residuals**2) / (len(residuals) - len(par.theta)))),
         "predicted_err": par.err_opt(budget_flops), "predicted_err_lo": math.exp(err.lo),
         "predicted_err_hi": math.exp(err.hi),
         "predicted_n_opt": par.n_opt(budget_flops), "predicted_n_opt_lo": _exp(n_opt.lo + par.log_mean[0]),
@@ -88,17 +93,33 @@ def _exp(x: float) -> float | None:
     return None if x > 700 else math.exp(x)
 
 
-def measure(held: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The held-out budget's best error and N_opt from its runs (None where not measured)."""
+def measure(held: Sequence[dict[str, Any]], metric: str, noise_sd: float, draws: int = 400) -> dict[str, Any]:
+    """The held-out budget's best error and N_opt from its runs (None where not measured).
+
+    The measured N_opt (a parabola vertex through a few noisy runs) is itself uncertain:
+    ``measured_n_opt_lo/hi`` is the 80% range of the vertex over ``draws`` simulated
+    repeats of the held-out runs (the fitted parabola times the fit's log-normal noise)."""
     if not held:
-        return {"measured_err": None, "measured_n_opt": None, "measured_runs": 0,
-                "measured_n_opt_note": "the held-out budget's runs are not collected yet"}
+        return {"measured_err": None, "measured_n_opt": None, "measured_n_opt_lo": None, "measured_n_opt_hi": None,
+                "measured_runs": 0, "measured_n_opt_note": "the held-out budget's runs are not collected yet"}
     rows = rows_from_dicts(held, metric)
     (entry,) = isoflop_profiles(rows) or [None]
     note = ("fewer than 3 distinct sizes: no IsoFLOP parabola" if entry is None else
             f"no minimum: {entry['no_minimum']}" if entry["n_opt"] is None else
             "vertex of the IsoFLOP parabola of the held-out runs")
+    spread: tuple[float | None, float | None] = (None, None)
+    if entry is not None and entry["n_opt"] is not None:
+        x = np.log(rows.params)
+        smooth = np.polyval(entry["coeffs"], x)
+        rng = np.random.default_rng(0)
+        vertices = []
+        for _ in range(draws):
+            q2, q1, _ = np.polyfit(x, smooth * np.exp(noise_sd * rng.standard_normal(len(x))), 2)
+            vertices.append(math.exp(-q1 / (2 * q2)) if q2 > 0 else (math.inf if q1 < 0 else 0.0))
+        lo, hi = np.percentile(vertices, [50 * (1 - INTERVAL), 50 * (1 + INTERVAL)])
+        spread = (float(lo), None if not np.isfinite(hi) else float(hi))
     return {"measured_err": float(rows.metric.min()), "measured_n_opt": entry["n_opt"] if entry else None,
+            "measured_n_opt_lo": spread[0], "measured_n_opt_hi": spread[1],
             "measured_n_opt_note": note, "measured_runs": len(held),
             "measured_budget_flops": float(np.exp(np.mean(np.log(rows.flops)))),
             "measured_best_run": held[int(np.argmin(rows.metric))].get("run"),
@@ -115,6 +136,9 @@ def verdict(f: dict[str, Any]) -> dict[str, Any]:
     n = f["measured_n_opt"]
     closed = "n_opt" not in f["open_intervals"] and f["predicted_n_opt_hi"] is not None
     n_ok = n is not None and closed and f["predicted_n_opt_lo"] <= n <= f["predicted_n_opt_hi"]
+    # Not the verdict: whether the measurement's own noise range meets the predicted interval.
+    consistent = (n is not None and closed and f["measured_n_opt_lo"] <= f["predicted_n_opt_hi"]
+                  and (f["measured_n_opt_hi"] is None or f["measured_n_opt_hi"] >= f["predicted_n_opt_lo"]))
     why = [f"measured best error {f['measured_err']:.4g} is {100 * rel:.1f}% from the predicted "
            f"{f['predicted_err']:.4g} ({'within' if err_ok else 'outside'} {100 * ERR_TOLERANCE:.0f}%)"]
     if n is None:
@@ -124,8 +148,16 @@ def verdict(f: dict[str, Any]) -> dict[str, Any]:
     else:
         why.append(f"measured N_opt {n:.4g} is {'inside' if n_ok else 'outside'} the predicted "
                    f"[{f['predicted_n_opt_lo']:.4g}, {f['predicted_n_opt_hi']:.4g}]")
-    return {"err_relative_error": rel, "err_within_tolerance": err_ok, "n_opt_inside": n_ok, "counts": err_ok and n_ok,
-            "why": "; ".join(why)}
+        if not n_ok:
+            why.append("the measured vertex's own 80% noise range "
+                       f"[{f['measured_n_opt_lo']:.4g}, {_num(f['measured_n_opt_hi'])}] "
+                       + ("does" if consistent else "does not") + " meet it")
+    return {"err_relative_error": rel, "err_within_tolerance": err_ok, "n_opt_inside": n_ok,
+            "n_opt_noise_range_meets_interval": consistent, "counts": err_ok and n_ok, "why": "; ".join(why)}
+
+
+def _num(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.4g}"
 
 
 def forecast_rows(rows: Sequence[dict[str, Any]], metric: str, held_out: float, budget_flops: float) -> dict[str, Any]:
@@ -143,7 +175,8 @@ def forecast_rows(rows: Sequence[dict[str, Any]], metric: str, held_out: float, 
 def add_measurement(forecast: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The forecast with the held-out runs among ``rows`` measured and judged; its prediction as it was."""
     _, held = split_rows(rows, forecast["budget"])
-    out = {**forecast, **measure(held, forecast["metric"]), "measured_vs_law": _law_at(forecast, held)}
+    out = {**forecast, **measure(held, forecast["metric"], forecast["noise_sd"]),
+           "measured_vs_law": _law_at(forecast, held)}
     return {**out, **verdict(out)}
 
 
