@@ -98,7 +98,8 @@ def test_too_few_rows_and_degenerate_grids_fail_clearly():
 
 def test_fit_runs_contract(tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
-    rows = [{**r, "linear_err": r["knn_err"]} for r in chinchilla_rows(seed=2, budgets=np.logspace(15, 18, 4))]
+    rows = [{**r, "linear_err": r["knn_err"], "epochs": 1 + i % 7}  # collect records epochs; 5-7 repeat data
+            for i, r in enumerate(chinchilla_rows(seed=2, budgets=np.logspace(15, 18, 4)))]
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "budget"}) + "\n" for r in rows))
     assert main(["fit", "--runs", str(path), "--metric", "linear_err", "--bootstrap", "8"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -106,6 +107,7 @@ def test_fit_runs_contract(tmp_path, capsys):
         assert isinstance(last[key], float) and last[f"{key}_lo"] <= last[f"{key}_hi"]
     assert last["metric"] == "linear_err" and last["rows"] == len(rows)
     assert last["bootstrap"]["failed"]["isoflop"] >= 0 and last["undetermined"] == {}
+    assert any("12 of 28 runs saw their training set more than 4 times" in w for w in last["warnings"])
     assert main(["fit", "--runs", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -5,7 +5,8 @@
   sizes (a vertex outside them is an extrapolation, not a measurement, and is left out);
   then N_opt = k C^a by least squares in log-log across budgets.
 * Parametric (approach 3): ``err(N, D) = E + A / N^alpha + B / D^beta`` (N params, D
-  images seen), the Huber fit of ``powerlaw.py``. With C = c N D (c: the sweep's median
+  images seen, repeats included: a warning says when runs went past 4 epochs), the Huber
+  fit of ``powerlaw.py``. With C = c N D (c: the sweep's median
   FLOPs per parameter per image; I-JEPA's c is not 6, see ``scalejepa.flops``), the
   compute-optimal size is ``N_opt = G (C / c)^(beta / (alpha + beta))``,
   ``G = (alpha A / (beta B))^(1 / (alpha + beta))``.
@@ -44,9 +45,11 @@ class Rows:
     flops: np.ndarray  # C
     metric: np.ndarray  # error in (0, inf)
     budget: np.ndarray  # group label per row (the planned budget, or clustered FLOPs)
+    epochs: np.ndarray | None = None  # images seen / training-set size, where collect recorded it
 
     def take(self, index: np.ndarray) -> Rows:
-        return Rows(self.params[index], self.images[index], self.flops[index], self.metric[index], self.budget[index])
+        return Rows(self.params[index], self.images[index], self.flops[index], self.metric[index], self.budget[index],
+                    None if self.epochs is None else self.epochs[index])
 
     def __len__(self) -> int:
         return len(self.metric)
@@ -70,7 +73,8 @@ def rows_from_dicts(rows: Sequence[dict[str, Any]], metric: str = "knn_err") -> 
         budget = np.array([float(r["budget"]) for r in rows])
     else:
         budget = cluster_budgets(values["flops"])
-    return Rows(values["params"], values["images"], values["flops"], values[metric], budget)
+    epochs = np.array([float(r["epochs"]) for r in rows]) if all(r.get("epochs") for r in rows) else None
+    return Rows(values["params"], values["images"], values["flops"], values[metric], budget, epochs)
 
 
 def cluster_budgets(flops: np.ndarray, ratio: float = 1.3) -> np.ndarray:
@@ -85,7 +89,7 @@ def cluster_budgets(flops: np.ndarray, ratio: float = 1.3) -> np.ndarray:
     return labels
 
 
-def _exp(x: float | None) -> float | None:
+def exp_or_none(x: float | None) -> float | None:
     """exp, or None where it would overflow (a value no row supports)."""
     return None if x is None or x > 700 else math.exp(x)
 
@@ -118,18 +122,18 @@ class ParametricFit:
     @property
     def values(self) -> dict[str, float]:
         e, a, alpha, b, beta = self.theta
-        return {"E": math.exp(e), "A": _exp(a + alpha * self.log_mean[0]), "alpha": float(alpha),
-                "B": _exp(b + beta * self.log_mean[1]), "beta": float(beta)}
+        return {"E": math.exp(e), "A": exp_or_none(a + alpha * self.log_mean[0]), "alpha": float(alpha),
+                "B": exp_or_none(b + beta * self.log_mean[1]), "beta": float(beta)}
 
     def log_c(self, budget: float) -> float:
         """log C / (c mean_n mean_d): the budget in the centred coordinates of ``profile``."""
         return math.log(budget / self.flops_per_param_image) - float(self.log_mean.sum())
 
     def n_opt(self, budget: float) -> float | None:
-        return _exp(profile.log_n_opt(self.theta, self.log_c(budget)) + self.log_mean[0])
+        return exp_or_none(profile.log_n_opt(self.theta, self.log_c(budget)) + self.log_mean[0])
 
-    def err_opt(self, budget: float) -> float:
-        return math.exp(profile.log_err_opt(self.theta, self.log_c(budget)))
+    def err_opt(self, budget: float) -> float | None:
+        return exp_or_none(profile.log_err_opt(self.theta, self.log_c(budget)))
 
     def predict(self, params: np.ndarray, images: np.ndarray) -> np.ndarray:
         logs = np.stack([np.log(params), np.log(images)]) - self.log_mean[:, None]
@@ -156,12 +160,12 @@ def parametric_intervals(fit: ParametricFit, budget: float, level: float = INTER
     m_n, m_d = fit.log_mean
     quantities = {  # key: (quantity in theta, its value -> the reported value)
         "E": (profile.coordinate(0, "e", 2), math.exp),
-        "A": (profile.linear("log A", [0, 1, m_n, 0, 0], 1), _exp),
+        "A": (profile.linear("log A", [0, 1, m_n, 0, 0], 1), exp_or_none),
         "alpha": (profile.coordinate(2, "alpha", 2), float),
-        "B": (profile.linear("log B", [0, 0, 0, 1, m_d], 3), _exp),
+        "B": (profile.linear("log B", [0, 0, 0, 1, m_d], 3), exp_or_none),
         "beta": (profile.coordinate(4, "beta", 2), float),
         "parametric_exponent": (profile.exponent_quantity(), float),
-        "n_opt_parametric": (profile.n_opt_quantity(fit.log_c(budget)), lambda v: _exp(v + m_n)),
+        "n_opt_parametric": (profile.n_opt_quantity(fit.log_c(budget)), lambda v: exp_or_none(v + m_n)),
     }
     bands = {key: _reported(prof.interval(q), to) for key, (q, to) in quantities.items()}
     for key, names in edge_parameters(fit.theta).items():
@@ -238,7 +242,7 @@ def fit_isoflop(rows: Rows) -> dict[str, Any]:
 
 
 def _isoflop_values(fit: dict[str, Any], budget: float) -> dict[str, float | None]:
-    return {"isoflop_exponent": fit["exponent"], "n_opt_isoflop": _exp(fit["log_k"] + fit["exponent"] * math.log(budget))}
+    return {"isoflop_exponent": fit["exponent"], "n_opt_isoflop": exp_or_none(fit["log_k"] + fit["exponent"] * math.log(budget))}
 
 
 def isoflop_bootstrap(rows: Rows, budget: float, samples: int, seed: int) -> tuple[dict[str, list[float]], int, list]:
@@ -293,12 +297,12 @@ def fit_frontier(rows: Rows) -> dict[str, Any]:
     if not np.all(np.isfinite(fit.theta)):
         raise FitError("the frontier fit failed from every start (the loss was not finite)")
     e, a, alpha = fit.theta
-    out = {"E": math.exp(e), "A": _exp(a + alpha * mean), "alpha": float(alpha), "converged": fit.converged,
+    out = {"E": math.exp(e), "A": exp_or_none(a + alpha * mean), "alpha": float(alpha), "converged": fit.converged,
            "points": {"flops": c.tolist(), "metric": y.tolist()}, "intervals": {}}
     if len(c) > 3:
         prof = profile.Profile(logs, y, fit.theta, fit.loss, INTERVAL)
         for key, q, to in (("E", profile.coordinate(0, "e", 1), math.exp),
-                           ("A", profile.linear("log A", [0, 1, mean], 1), _exp),
+                           ("A", profile.linear("log A", [0, 1, mean], 1), exp_or_none),
                            ("alpha", profile.coordinate(2, "alpha", 1), float)):
             out["intervals"][key] = _reported(prof.interval(q), to)
     return out
@@ -345,6 +349,8 @@ HINT = {
 # Amplitudes (A, B, frontier A) are exempt: at N = 1 they are extrapolations whose
 # intervals are wide by nature; only an open interval flags them.
 WIDE_FACTOR = 10.0
+# Runs past this many epochs get a warning: D (images seen) then counts repeats.
+REPEAT_EPOCHS = 4
 # IsoFLOP profiles over sizes further apart than this get a warning (the parabola's bias).
 ISOFLOP_SPAN = 30.0
 AMPLITUDES = ("A", "B", "frontier_A")
@@ -440,6 +446,11 @@ def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float 
                         f"~{ISOFLOP_SPAN:g}x a parabola in log N is a poor description and its minimum is biased, which "
                         "the bootstrap interval does not include (fit_coverage measured 22% coverage over 3,000x); "
                         "prefer the parametric N_opt, or sample sizes closer to each budget's optimum")
+    if rows.epochs is not None and rows.epochs.max() > REPEAT_EPOCHS:
+        warnings.append(f"{int(np.sum(rows.epochs > REPEAT_EPOCHS))} of {len(rows)} runs saw their training set more "
+                        f"than {REPEAT_EPOCHS} times (up to {rows.epochs.max():.0f}): the law's D counts images seen, "
+                        "repeats included, and repeats beyond ~4 epochs are worth less than new images (Muennighoff "
+                        "et al. 2023), which bends the data term")
     if frontier is not None and not frontier["intervals"]:
         warnings.append("3 budgets for the frontier's 3 parameters: it passes through their best runs exactly, so it "
                         "has no interval; add a budget")
@@ -447,7 +458,7 @@ def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float 
         if not ok:
             warnings.append(f"the {name} fit did not converge (L-BFGS-B stopped early): treat its numbers with care")
     result.update({
-        "n_opt_budget_flops": budget, "flops_per_param_image": c_per,
+        "n_opt_budget_flops": budget, "flops_per_param_image": c_per, "fitted_D": "images seen (the rows' images)",
         "isoflop_log_k": iso["log_k"] if iso else None,
         "interval": INTERVAL, "huber_delta": HUBER_DELTA,
         "interval_method": method,

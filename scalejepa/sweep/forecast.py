@@ -27,7 +27,8 @@ import numpy as np
 
 from scalejepa.sweep import profile
 from scalejepa.sweep.fit import (
-    INTERVAL, FitError, fit_parametric, isoflop_profiles, parametric_intervals, rows_from_dicts, undetermined_text,
+    INTERVAL, FitError, exp_or_none, fit_parametric, isoflop_profiles, parametric_intervals, rows_from_dicts,
+    undetermined_text,
 )
 
 FORMAT = "scalejepa-sweep-forecast"
@@ -57,6 +58,9 @@ def predict(train: Sequence[dict[str, Any]], metric: str, budget_flops: float) -
     par = fit_parametric(rows)
     prof = profile.Profile(par.logs, par.metric, par.theta, par.loss, INTERVAL)
     log_c = par.log_c(budget_flops)
+    if par.err_opt(budget_flops) is None:
+        raise FitError("the law fitted on the smaller budgets predicts no finite best error at the held-out budget: "
+                       "its terms are not determined by these runs (run scalejepa-sweep fit on them to see which)")
     err = prof.interval(profile.err_opt_quantity(log_c))
     n_opt = prof.interval(profile.n_opt_quantity(log_c))
     opened = {name: [end for end, is_open in (("lo", iv.lo_open), ("hi", iv.hi_open)) if is_open]
@@ -76,10 +80,10 @@ def predict(train: Sequence[dict[str, Any]], metric: str, budget_flops: float) -
     residuals = profile.objective_residuals(par.theta, par.logs, np.log(par.metric))
     return {
         "noise_sd": float(np.sqrt(np.sum(residuals**2) / (len(residuals) - len(par.theta)))),
-        "predicted_err": par.err_opt(budget_flops), "predicted_err_lo": math.exp(err.lo),
-        "predicted_err_hi": math.exp(err.hi),
-        "predicted_n_opt": par.n_opt(budget_flops), "predicted_n_opt_lo": _exp(n_opt.lo + par.log_mean[0]),
-        "predicted_n_opt_hi": _exp(n_opt.hi + par.log_mean[0]),
+        "predicted_err": par.err_opt(budget_flops), "predicted_err_lo": exp_or_none(err.lo),
+        "predicted_err_hi": exp_or_none(err.hi),
+        "predicted_n_opt": par.n_opt(budget_flops), "predicted_n_opt_lo": exp_or_none(n_opt.lo + par.log_mean[0]),
+        "predicted_n_opt_hi": exp_or_none(n_opt.hi + par.log_mean[0]),
         "open_intervals": {k: v for k, v in opened.items() if v},
         "law": {**par.values, "converged": par.converged, "flops_per_param_image": par.flops_per_param_image,
                 "intervals": law},
@@ -87,10 +91,6 @@ def predict(train: Sequence[dict[str, Any]], metric: str, budget_flops: float) -
         "fit_rows": len(rows), "fit_budgets": sorted(float(b) for b in np.unique(rows.budget)),
         "fit_runs": [r.get("run") for r in train],
     }
-
-
-def _exp(x: float) -> float | None:
-    return None if x > 700 else math.exp(x)
 
 
 def measure(held: Sequence[dict[str, Any]], metric: str, noise_sd: float, draws: int = 400) -> dict[str, Any]:
@@ -112,12 +112,12 @@ def measure(held: Sequence[dict[str, Any]], metric: str, noise_sd: float, draws:
         x = np.log(rows.params)
         smooth = np.polyval(entry["coeffs"], x)
         rng = np.random.default_rng(0)
-        vertices = []
+        log_vertices = []  # a parabola opening downwards has its "minimum" at one end, far out
         for _ in range(draws):
             q2, q1, _ = np.polyfit(x, smooth * np.exp(noise_sd * rng.standard_normal(len(x))), 2)
-            vertices.append(math.exp(-q1 / (2 * q2)) if q2 > 0 else (math.inf if q1 < 0 else 0.0))
-        lo, hi = np.percentile(vertices, [50 * (1 - INTERVAL), 50 * (1 + INTERVAL)])
-        spread = (float(lo), None if not np.isfinite(hi) else float(hi))
+            log_vertices.append(-q1 / (2 * q2) if q2 > 0 else (math.inf if q1 < 0 else -math.inf))
+        lo, hi = np.percentile(log_vertices, [50 * (1 - INTERVAL), 50 * (1 + INTERVAL)], method="nearest")
+        spread = (0.0 if lo == -math.inf else exp_or_none(lo) or math.inf, exp_or_none(hi) if np.isfinite(hi) else None)
     return {"measured_err": float(rows.metric.min()), "measured_n_opt": entry["n_opt"] if entry else None,
             "measured_n_opt_lo": spread[0], "measured_n_opt_hi": spread[1],
             "measured_n_opt_note": note, "measured_runs": len(held),
@@ -131,6 +131,9 @@ def verdict(f: dict[str, Any]) -> dict[str, Any]:
     if f["measured_err"] is None:
         return {"err_within_tolerance": None, "n_opt_inside": None, "counts": None,
                 "why": "not measured yet: run the held-out budget, collect, then run forecast again"}
+    if f["predicted_err"] is None:
+        return {"err_within_tolerance": False, "n_opt_inside": False, "counts": False,
+                "why": "the law predicts no finite best error at this budget (see undetermined)"}
     rel = abs(f["measured_err"] - f["predicted_err"]) / f["predicted_err"]
     err_ok = rel <= ERR_TOLERANCE
     n = f["measured_n_opt"]
@@ -194,8 +197,7 @@ def _law_at(forecast: dict[str, Any], held: Sequence[dict[str, Any]]) -> list[di
 
 def summary_text(f: dict[str, Any]) -> str:
     def band(key: str) -> str:
-        lo, hi = f[f"{key}_lo"], f[f"{key}_hi"]
-        return f"{f[key]:.4g} [{lo:.4g}, {'inf' if hi is None else f'{hi:.4g}'}]"
+        return f"{_num(f[key])} [{_num(f[f'{key}_lo'])}, {_num(f[f'{key}_hi'])}]"
 
     measured = ("not measured yet" if f["measured_err"] is None else
                 f"measured best error {f['measured_err']:.4g}, N_opt "
