@@ -135,11 +135,6 @@ class ParametricFit:
     def err_opt(self, budget: float) -> float | None:
         return exp_or_none(profile.log_err_opt(self.theta, self.log_c(budget)))
 
-    def predict(self, params: np.ndarray, images: np.ndarray) -> np.ndarray:
-        logs = np.stack([np.log(params), np.log(images)]) - self.log_mean[:, None]
-        e, a, alpha, b, beta = self.theta
-        return np.exp(np.logaddexp(e, np.logaddexp(a - alpha * logs[0], b - beta * logs[1])))
-
 
 def fit_parametric(rows: Rows) -> ParametricFit:
     check_parametric(rows)

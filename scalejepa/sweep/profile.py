@@ -33,8 +33,7 @@ from scipy.stats import f as f_dist
 
 from scalejepa.sweep.powerlaw import HUBER_DELTA, LBFGS_OPTIONS, bounds, log_sum_of_powers, objective, one_blas_thread
 
-# A profile point within this fraction of the threshold of the optimum counts as inside;
-# the crossing is located to ~0.1% of its bracket.
+# The interval's ends are located to 0.1% of the last step of the walk that crossed them.
 _XTOL = 1e-3
 
 

@@ -152,10 +152,11 @@ def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: st
     for text in [*fit["undetermined"].values(), *fit["warnings"]]:
         lines += [f"Warning: {text}", ""]
     lines += _forecast_lines(forecast)
-    lines += ["", "| run | params | images | FLOPs | " + metric + " | train loss (not comparable across sizes) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| run | params | images seen | epochs | FLOPs | " + metric + " | train loss (not comparable across "
+              "sizes) |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["flops"], r["params"])):
-        lines.append(f"| {r['run']} | {r['params']:,} | {r['images']:,} | {r['flops']:.3g} | {r[metric]:.4f} | "
+        epochs = "?" if r.get("epochs") is None else f"{r['epochs']:.1f}"
+        lines.append(f"| {r['run']} | {r['params']:,} | {r['images']:,} | {epochs} | {r['flops']:.3g} | {r[metric]:.4f} | "
                      f"{r['final_train_loss']:.4f} |")
     lines += ["", "Plots: ![frontier](frontier.png) ![isoflop](isoflop.png) ![n_opt](n_opt.png)", ""]
     return "\n".join(lines)
