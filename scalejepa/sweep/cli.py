@@ -7,8 +7,18 @@
     scalejepa-sweep fit sweeps/demo                      # or: fit --runs FILE.jsonl --metric knn_err
     scalejepa-sweep report sweeps/demo                   # sweeps/demo/report/*.png + summary.md
 
-``fit`` prints a JSON object as its last stdout line: alpha, beta, E, A, B and
-isoflop_exponent, each with _lo/_hi (80% bootstrap interval), and more.
+Forecast first: run every budget but the largest, forecast it, then run it and compare:
+
+    scalejepa-sweep run sweeps/law --parallel 2 --hold-out-largest
+    scalejepa-sweep collect sweeps/law
+    scalejepa-sweep forecast sweeps/law                  # sweeps/law/forecast.json, measured_* null
+    scalejepa-sweep run sweeps/law --parallel 2          # the held-out budget
+    scalejepa-sweep collect sweeps/law
+    scalejepa-sweep forecast sweeps/law                  # adds the measurement and the verdict
+
+``fit`` and ``forecast`` print a JSON object as their last stdout line: for ``fit``,
+alpha, beta, E, A, B and isoflop_exponent, each with _lo/_hi (80% interval), and more;
+quantities the runs do not determine are named, in words, in ``undetermined``.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from scalejepa.sweep.collect import CollectError
 from scalejepa.sweep.fit import FitError
@@ -38,12 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--launcher", choices=("local", "slurm"), default="local")
     run.add_argument("--parallel", type=int, default=1, help="local: jobs at a time")
     run.add_argument("--no-submit", action="store_true", help="slurm: write the script, do not call sbatch")
+    run.add_argument("--hold-out-largest", action="store_true",
+                     help="leave the largest budget's runs for later (forecast them first); a later run without "
+                          "this flag trains them, resuming each shape's long run")
     collect = sub.add_parser("collect", help="one row per finished run: DIR/runs.jsonl")
     collect.add_argument("dir", type=Path)
     fit = sub.add_parser("fit", help="IsoFLOP, parametric and frontier fits with bootstrap intervals")
     fit.add_argument("dir", type=Path, nargs="?", help="sweep directory (its runs.jsonl); or give --runs")
     fit.add_argument("--runs", type=Path, help="a JSONL file of rows with params, flops, images and the metric")
     _fit_options(fit)
+    forecast = sub.add_parser("forecast", help="fit every budget but the largest, forecast it: DIR/forecast.json; "
+                                               "again once it ran: adds the measurement")
+    forecast.add_argument("dir", type=Path, nargs="?", help="sweep directory (plan.json, runs.jsonl); or give --runs")
+    forecast.add_argument("--runs", type=Path, help="a JSONL file of rows with budget, params, flops, images, metric "
+                                                    "(the largest budget in it is held out)")
+    forecast.add_argument("--out", type=Path, help="default: DIR/forecast.json (with --runs: next to the file)")
+    forecast.add_argument("--metric", default="knn_err", help="the error column to forecast (knn_err, linear_err)")
+    forecast.add_argument("--refit", action="store_true", help="discard an existing forecast and fit again")
     report = sub.add_parser("report", help="plots (PNG) and a Markdown summary in DIR/report/")
     report.add_argument("dir", type=Path)
     _fit_options(report)
@@ -51,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("dir", type=Path)
     worker.add_argument("--job", type=int, required=True)
     worker.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    worker.add_argument("--hold-out-largest", action="store_true")
     return parser
 
 
@@ -87,14 +111,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         plan_mod.check_probe_data_of(plan_mod.load_plan(args.dir))
         if args.launcher == "slurm":
-            print(f"slurm script: {runner.run_slurm(args.dir, submit=not args.no_submit)}")
+            print(f"slurm script: {runner.run_slurm(args.dir, submit=not args.no_submit, hold_out_largest=args.hold_out_largest)}")
             return 0
         if args.parallel < 1:
             raise SweepRunError("--parallel must be >= 1")
-        failed = runner.run_local(args.dir, args.parallel)
+        failed = runner.run_local(args.dir, args.parallel, hold_out_largest=args.hold_out_largest)
         return 1 if failed else 0
     if args.command == "worker":
-        runner.run_job(args.dir, args.job, args.launcher)
+        runner.run_job(args.dir, args.job, args.launcher, hold_out_largest=args.hold_out_largest)
         return 0
     if args.command == "collect":
         from scalejepa.sweep.collect import collect
@@ -103,13 +127,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"collect: {count} finished runs -> {path}" + (f"; not finished: {', '.join(missing)}" if missing else ""))
         return 0
     if args.command == "fit":
-        result = _fit(args, args.runs if args.runs else _runs_file(args))
+        # Fits the rows cannot support are named (errors, undetermined); only if none can be made is it an error.
+        result = _fit(args, args.runs if args.runs else _runs_file(args), strict=False)
+        if len(result["errors"]) == 3:  # parametric, isoflop and frontier
+            raise FitError("; ".join(f"{name}: {message}" for name, message in result["errors"].items()))
         from scalejepa.sweep.fit import contract_line
 
         if args.dir:
             plan_mod.write_json(args.dir / "fit.json", result)
         print(_fit_text(result))
         print(json.dumps(contract_line(result)))
+        return 0
+    if args.command == "forecast":
+        from scalejepa.sweep.forecast import summary_text
+
+        result = _forecast(args)
+        print(summary_text(result))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("fit_runs", "measured_vs_law")}))
         return 0
     if args.command == "report":
         from scalejepa.sweep.report import write_report
@@ -118,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         plan_mod.write_json(args.dir / "fit.json", result)
         for name, message in result["errors"].items():
             print(f"report: the {name} fit failed: {message}", file=sys.stderr)
-        print(f"report: {write_report(args.dir, result, args.metric)}")
+        print(f"report: {write_report(args.dir, result, args.metric, _report_forecast(args))}")
         return 0
     raise AssertionError(args.command)
 
@@ -129,7 +163,7 @@ def _runs_file(args: argparse.Namespace) -> Path:
     return args.dir / "runs.jsonl"
 
 
-def _fit(args: argparse.Namespace, path: Path, strict: bool = True) -> dict:
+def _fit(args: argparse.Namespace, path: Path, strict: bool) -> dict:
     from scalejepa.sweep.collect import read_rows
     from scalejepa.sweep.fit import fit_all, rows_from_dicts
 
@@ -138,21 +172,85 @@ def _fit(args: argparse.Namespace, path: Path, strict: bool = True) -> dict:
                    strict=strict)
 
 
+def _forecast(args: argparse.Namespace) -> dict:
+    """A new forecast, or the existing one with the held-out runs' measurement added."""
+    from scalejepa.io import atomic_write_text
+    from scalejepa.sweep import forecast as fc
+    from scalejepa.sweep import plan as plan_mod
+    from scalejepa.sweep.collect import read_rows
+
+    if args.runs:
+        rows = read_rows(args.runs)
+        out = args.out or args.runs.parent / "forecast.json"
+        held_out = max(float(r["budget"]) for r in rows if r.get("budget") is not None) if rows else None
+        if held_out is None:
+            raise FitError(f"{args.runs}: no row has a budget: a forecast holds out the largest budget")
+        budget_flops = float(np.exp(np.mean([np.log(float(r["flops"])) for r in rows if float(r["budget"]) == held_out])))
+    else:
+        if not args.dir:
+            raise FitError("give a sweep directory or --runs FILE.jsonl")
+        plan = plan_mod.load_plan(args.dir)
+        held_out = max(r["budget"] for r in plan["runs"])
+        held = [r for r in plan["runs"] if r["budget"] == held_out]
+        budget_flops = float(np.exp(np.mean([np.log(r["flops_est"]) for r in held])))
+        rows = read_rows(args.dir / "runs.jsonl")
+        out = args.out or args.dir / "forecast.json"
+    if out.is_file() and not args.refit:
+        existing = json.loads(out.read_text())
+        if existing.get("format") != fc.FORMAT or existing["metric"] != args.metric or existing["budget"] != held_out:
+            raise FitError(f"{out} holds another forecast ({existing.get('metric')} at budget {existing.get('budget')}): "
+                           "give --out for a new one, or --refit to replace it")
+        result = fc.add_measurement(existing, rows)
+    else:
+        result = fc.forecast_rows(rows, args.metric, held_out, budget_flops)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    print(f"forecast: {out}", file=sys.stderr)
+    return result
+
+
+def _report_forecast(args: argparse.Namespace) -> dict:
+    """DIR/forecast.json when it forecasts this metric; else a leave-the-largest-budget-out
+    check made now, from rows that include the largest budget (said so in the report)."""
+    from scalejepa.sweep import forecast as fc
+    from scalejepa.sweep.collect import read_rows
+
+    path = args.dir / "forecast.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("metric") == args.metric:
+            return existing
+    rows = read_rows(_runs_file(args))
+    budgets = sorted({float(r["budget"]) for r in rows if r.get("budget") is not None})
+    if len(budgets) < 3:
+        return {"skipped": f"{len(budgets)} budgets: a forecast needs at least 2 to fit and 1 to hold out"}
+    flops = float(np.exp(np.mean([np.log(float(r["flops"])) for r in rows if float(r["budget"]) == budgets[-1]])))
+    try:
+        return fc.forecast_rows(rows, args.metric, budgets[-1], flops)
+    except FitError as exc:
+        return {"skipped": str(exc)}
+
+
 def _fit_text(r: dict) -> str:
     def show(key: str) -> str:
+        if r[key] is None:
+            return f"  {key:<22} not fitted"
         lo, hi = r[f"{key}_lo"], r[f"{key}_hi"]
-        band = f" [{lo:.4g}, {hi:.4g}]" if lo is not None else " [no interval]"
-        return f"  {key:<22} {r[key]:.4g}{band}"
+        ends = r["open_intervals"].get(key, [])
+        band = (f" [{'<=' if 'lo' in ends else ''}{lo:.4g}, {hi:.4g}{'+' if 'hi' in ends else ''}]"
+                if lo is not None and hi is not None else " [no interval]")
+        method = r["interval_method"].get(key, "")
+        return f"  {key:<22} {r[key]:.4g}{band}  {method}{'  NOT DETERMINED' if key in r['undetermined'] else ''}"
 
     keys = ("alpha", "beta", "E", "A", "B", "isoflop_exponent", "parametric_exponent", "frontier_E", "frontier_A",
             "frontier_alpha", "n_opt_isoflop", "n_opt_parametric")
-    failed = r["bootstrap"]["failed"]
-    return "\n".join([f"fit of {r['metric']} over {r['rows']} runs, {r['budgets']} budgets "
-                      f"(80% bootstrap intervals, {r['bootstrap']['samples']} resamples; failed refits: "
-                      f"parametric {failed['parametric']}, isoflop {failed['isoflop']}, frontier {failed['frontier']})"]
+    failed = r["bootstrap"]["failed"]["isoflop"]
+    return "\n".join([f"fit of {r['metric']} over {r['rows']} runs, {r['budgets']} budgets (80% intervals; IsoFLOP "
+                      f"by a row bootstrap of {r['bootstrap']['samples']} resamples, {failed} failed refits)"]
                      + [show(k) for k in keys]
                      + [f"  N_opt at {r['n_opt_budget_flops']:.3g} FLOPs; c = {r['flops_per_param_image']:.3g} FLOPs "
-                        f"per parameter per image"])
+                        f"per parameter per image"]
+                     + [f"  not fitted: {name}: {message}" for name, message in r["errors"].items()]
+                     + [f"  warning: {text}" for text in [*r["undetermined"].values(), *r["warnings"]]])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ squared lengths over its steps (10-step windows of the cpu_demo shapes: 0.02-0.1
 measured on sampled masks). Under several ranks the token counts are rank 0's.
 
 A branched run (WSD cool-down) is charged its parent's FLOPs up to the branch step plus
-its own. ``params`` is the encoder's parameter count (the model that is probed); the
+its own. ``images`` is the images seen (the fits' D); ``unique_images`` and ``epochs`` say
+how much of it repeats the training set. ``params`` is the encoder's parameter count (the model that is probed); the
 predictor's and the non-embedding counts are recorded next to it.
 """
 
@@ -70,6 +71,18 @@ def window_totals(config, records: list[dict[str, Any]], start_step: int, end_st
     return total
 
 
+def images_per_epoch(config) -> int | None:
+    """Images in the run's training set (its shard index's count), None where unknown."""
+    from scalejepa.data.cache import builtin_shards, resolve_shards
+
+    if config.data.synthetic:
+        return None
+    if config.data.num_samples:
+        return config.data.num_samples
+    spec = config.data.shards or str(builtin_shards(config.data.builtin, split="train"))
+    return (resolve_shards(spec)[1] or {}).get("samples")
+
+
 def collect_row(sweep_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
     out = run_dir(sweep_dir, run["name"])
     result = json.loads((out / RESULT_FILE).read_text())
@@ -84,12 +97,17 @@ def collect_row(sweep_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
         own = {k: own[k] + inherited[k] for k in own}
     counts = flops.param_counts(config)
     last = max(records, key=lambda r: r["step"])
+    epoch = images_per_epoch(config)
     return {
         "run": run["name"], "shape": run["shape"], "seed": run["seed"],
         "budget": run["budget"], "budget_unit": run["budget_unit"], "steps": run["steps"],
         "params": counts["encoder"], "params_encoder": counts["encoder"], "params_predictor": counts["predictor"],
         "params_non_embedding": counts["encoder_non_embedding"],
         "flops": own["flops"], "flops_planned": run["flops_est"], "images": own["images"],
+        # images seen (the law's D) against distinct images: past ~4 epochs repeats are worth
+        # less than new images (Muennighoff et al. 2023), and D becomes ambiguous.
+        "unique_images": None if epoch is None else min(own["images"], epoch), "images_per_epoch": epoch,
+        "epochs": None if not epoch else own["images"] / epoch,
         "train_loop_s": own["loop_s"], "train_wall_s": result["train_wall_s"], "device": result["device"],
         **result["metrics"],
         "final_train_loss": _scalar(last, "train/loss"),  # recorded; not comparable across sizes, never fitted

@@ -1,21 +1,22 @@
-"""Scaling-law fits of a downstream error metric, with bootstrap intervals.
+"""Scaling-law fits of a downstream error metric, with intervals that say what the rows determine.
 
 * IsoFLOP (Hoffmann et al. 2022, approach 2): per compute budget, a parabola of the
-  metric in log(params); its minimum is N_opt(C); then N_opt = k C^a by least squares in
-  log-log across budgets.
+  metric in log(params); its minimum is N_opt(C) when it lies inside the budget's sampled
+  sizes (a vertex outside them is an extrapolation, not a measurement, and is left out);
+  then N_opt = k C^a by least squares in log-log across budgets.
 * Parametric (approach 3): ``err(N, D) = E + A / N^alpha + B / D^beta`` (N params, D
-  images seen), a Huber loss (delta 1e-3) on log error, summed over rows and scaled by
-  1 / delta^2 so that L-BFGS-B's relative stopping test is not met by a loss that is
-  merely small (the early stop Besiroglu et al. 2024 found in the original fit), with
-  analytic gradients and tight tolerances, from the best points of a grid of starts.
-  With C = c N D (c: the sweep's median FLOPs per parameter per image; I-JEPA's c is not
-  6, see ``scalejepa.flops``), the compute-optimal size is
-  ``N_opt = G (C / c)^(beta / (alpha + beta))``, ``G = (alpha A / (beta B))^(1 / (alpha + beta))``.
-* Frontier: ``err(C) = E + A C^-alpha`` through each budget's best run (Huber on log error).
-* Uncertainty: a bootstrap over rows (resample with replacement, refit everything);
-  80% intervals (10th-90th percentile) on every exponent and on N_opt at a stated
-  budget. Refits that fail (no convergence, too few distinct sizes left) are counted and
-  reported, never silently dropped.
+  images seen, repeats included: a warning says when runs went past 4 epochs), the Huber
+  fit of ``powerlaw.py``. With C = c N D (c: the sweep's median
+  FLOPs per parameter per image; I-JEPA's c is not 6, see ``scalejepa.flops``), the
+  compute-optimal size is ``N_opt = G (C / c)^(beta / (alpha + beta))``,
+  ``G = (alpha A / (beta B))^(1 / (alpha + beta))``.
+* Frontier: ``err(C) = E + A C^-alpha`` through each budget's best run.
+* Uncertainty, 80% intervals: the parametric and frontier laws by profile likelihood
+  (``profile.py``: the row bootstrap under-covers where a term is small next to the noise,
+  measured in ``benchmarks/results/fit_coverage_*.md``); the IsoFLOP exponent and N_opt by
+  a bootstrap over rows (refits that fail are counted, never silently dropped). A profile
+  that stays flat to the end of the search range leaves its interval open: the quantity is
+  reported as not determined by the rows, in words, in ``undetermined``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
 
-HUBER_DELTA = 1e-3
+from scalejepa.sweep import profile
+from scalejepa.sweep.powerlaw import HUBER_DELTA, bounds, fit_sum_of_powers
+
 INTERVAL = 0.8
-# On the 1/delta^2-scaled loss: gtol 1e-8 is 1e-14 on the plain Huber sum. scipy's default
-# (1e-5 unscaled) stops a warm-started bootstrap refit at its start: intervals collapse.
-_LBFGS = {"maxiter": 5000, "ftol": 1e-12, "gtol": 1e-8}
 
 
 class FitError(ValueError):
@@ -46,9 +45,11 @@ class Rows:
     flops: np.ndarray  # C
     metric: np.ndarray  # error in (0, inf)
     budget: np.ndarray  # group label per row (the planned budget, or clustered FLOPs)
+    epochs: np.ndarray | None = None  # images seen / training-set size, where collect recorded it
 
     def take(self, index: np.ndarray) -> Rows:
-        return Rows(self.params[index], self.images[index], self.flops[index], self.metric[index], self.budget[index])
+        return Rows(self.params[index], self.images[index], self.flops[index], self.metric[index], self.budget[index],
+                    None if self.epochs is None else self.epochs[index])
 
     def __len__(self) -> int:
         return len(self.metric)
@@ -72,7 +73,8 @@ def rows_from_dicts(rows: Sequence[dict[str, Any]], metric: str = "knn_err") -> 
         budget = np.array([float(r["budget"]) for r in rows])
     else:
         budget = cluster_budgets(values["flops"])
-    return Rows(values["params"], values["images"], values["flops"], values[metric], budget)
+    epochs = np.array([float(r["epochs"]) for r in rows]) if all(r.get("epochs") for r in rows) else None
+    return Rows(values["params"], values["images"], values["flops"], values[metric], budget, epochs)
 
 
 def cluster_budgets(flops: np.ndarray, ratio: float = 1.3) -> np.ndarray:
@@ -87,103 +89,12 @@ def cluster_budgets(flops: np.ndarray, ratio: float = 1.3) -> np.ndarray:
     return labels
 
 
-# ----------------------------------------------------------------------------- Huber on log error
+def exp_or_none(x: float | None) -> float | None:
+    """exp, or None where it would overflow (a value no row supports)."""
+    return None if x is None or x > 700 else math.exp(x)
 
 
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Huber values and derivatives, scaled by 1 / delta^2."""
-    small = np.abs(r) <= delta
-    value = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)) / delta**2
-    grad = np.where(small, r, delta * np.sign(r)) / delta**2
-    return value, grad
-
-
-def _sum_of_powers(theta: np.ndarray, logs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log(E + sum_j exp(a_j) x_j^-p_j) and its Jacobian in theta = (e, a_1, p_1, a_2, p_2, ...);
-    ``logs``: (terms, rows), log x_j."""
-    terms = [np.full(logs.shape[1], theta[0])]
-    for j in range(logs.shape[0]):
-        terms.append(theta[1 + 2 * j] - theta[2 + 2 * j] * logs[j])
-    stack = np.stack(terms)
-    top = stack.max(0)
-    weights = np.exp(stack - top)
-    total = weights.sum(0)
-    weights /= total
-    jac = np.empty((len(theta), logs.shape[1]))
-    jac[0] = weights[0]
-    for j in range(logs.shape[0]):
-        jac[1 + 2 * j] = weights[1 + j]
-        jac[2 + 2 * j] = -weights[1 + j] * logs[j]
-    return top + np.log(total), jac
-
-
-def _objective(theta, logs, log_y, delta):
-    pred, jac = _sum_of_powers(theta, logs)
-    value, grad = _huber(pred - log_y, delta)
-    return value.sum(), jac @ grad
-
-
-def _grid_losses(grid: np.ndarray, logs: np.ndarray, log_y: np.ndarray, delta: float) -> np.ndarray:
-    """Objective at every grid point at once: (points,)."""
-    terms = [np.broadcast_to(grid[:, :1], (len(grid), logs.shape[1]))]
-    for j in range(logs.shape[0]):
-        terms.append(grid[:, 1 + 2 * j, None] - grid[:, 2 + 2 * j, None] * logs[j][None])
-    stack = np.stack(terms)
-    top = stack.max(0)
-    pred = top + np.log(np.exp(stack - top).sum(0))
-    return _huber(pred - log_y[None], delta)[0].sum(1)
-
-
-def _start_grid(terms: int) -> np.ndarray:
-    e = np.array([-6.0, -3.0, -1.5, -0.5, 0.5])
-    a = np.array([0.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0])
-    p = np.array([0.05, 0.15, 0.3, 0.6, 1.0, 1.5])
-    axes = [e] + [a, p] * terms
-    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
-
-
-def _bounds(terms: int) -> list[tuple[float, float]]:
-    return [(-20.0, 5.0)] + [(-20.0, 80.0), (1e-3, 5.0)] * terms
-
-
-@dataclass
-class PowerFit:
-    theta: np.ndarray  # (e, a_1, p_1, ...)
-    loss: float
-    converged: bool
-
-
-def fit_sum_of_powers(logs: np.ndarray, y: np.ndarray, *, delta: float = HUBER_DELTA, starts: int = 6,
-                      extra_starts: Sequence[np.ndarray] = ()) -> PowerFit:
-    """Fit log y ~ log(E + sum_j A_j x_j^-p_j) from the ``starts`` best grid points (+ extra)."""
-    log_y = np.log(y)
-    picks = [np.asarray(s, float) for s in extra_starts]  # a bootstrap refit: the full-data optimum
-    if starts:
-        grid = _start_grid(logs.shape[0])
-        picks += [grid[i] for i in np.argsort(_grid_losses(grid, logs, log_y, delta))[:starts]]
-    results = []
-    for start in picks:
-        res = minimize(_objective, start, args=(logs, log_y, delta), jac=True, method="L-BFGS-B",
-                       bounds=_bounds(logs.shape[0]), options=_LBFGS)
-        if np.all(np.isfinite(res.x)) and np.isfinite(res.fun):
-            results.append(res)
-    if not results:
-        return PowerFit(np.full(len(picks[0]), np.nan), math.inf, False)
-    # Starts that reach the same optimum differ only in how L-BFGS-B stopped there: among
-    # the optima equal to the best up to rounding, take one that converged, if any did.
-    best_fun = min(r.fun for r in results)
-    at_best = [r for r in results if r.fun <= best_fun + 1e-9 * max(1.0, abs(best_fun))]
-    best = next((r for r in at_best if _converged(r)), min(at_best, key=lambda r: r.fun))
-    return PowerFit(best.x, float(best.fun), _converged(best))
-
-
-def _converged(res) -> bool:
-    # ABNORMAL_TERMINATION in the line search at the optimum is scipy's usual report of a
-    # converged fit at these tolerances: accept it when the projected gradient is small.
-    return bool(res.success) or float(np.max(np.abs(res.jac))) < 1e-3 * max(1.0, abs(res.fun))
-
-
-# ----------------------------------------------------------------------------- the three fits
+# ----------------------------------------------------------------------------- parametric law
 
 
 def check_parametric(rows: Rows) -> None:
@@ -196,24 +107,100 @@ def check_parametric(rows: Rows) -> None:
                            f"identified; vary {'the model shape' if name == 'params' else 'the budget per shape'}")
 
 
-def fit_parametric(rows: Rows, extra_starts: Sequence[np.ndarray] = (), starts: int = 6) -> dict[str, Any]:
-    logs = np.stack([np.log(rows.params), np.log(rows.images)])
-    fit = fit_sum_of_powers(logs, rows.metric, starts=starts, extra_starts=extra_starts)
-    e, a, alpha, b, beta = fit.theta
-    return {"E": math.exp(e), "A": math.exp(a), "alpha": alpha, "B": math.exp(b), "beta": beta,
-            "converged": fit.converged, "theta": fit.theta}
+@dataclass
+class ParametricFit:
+    """The Huber fit in centred coordinates (N over mean_n, D over mean_d, geometric means)."""
+
+    theta: np.ndarray  # (e, a', alpha, b', beta); A = exp(a' + alpha log mean_n), B likewise
+    loss: float
+    converged: bool
+    logs: np.ndarray  # (2, rows) centred log N, log D
+    metric: np.ndarray
+    log_mean: np.ndarray  # (log mean_n, log mean_d)
+    flops_per_param_image: float
+
+    @property
+    def values(self) -> dict[str, float]:
+        e, a, alpha, b, beta = self.theta
+        return {"E": math.exp(e), "A": exp_or_none(a + alpha * self.log_mean[0]), "alpha": float(alpha),
+                "B": exp_or_none(b + beta * self.log_mean[1]), "beta": float(beta)}
+
+    def log_c(self, budget: float) -> float:
+        """log C / (c mean_n mean_d): the budget in the centred coordinates of ``profile``."""
+        return math.log(budget / self.flops_per_param_image) - float(self.log_mean.sum())
+
+    def n_opt(self, budget: float) -> float | None:
+        return exp_or_none(profile.log_n_opt(self.theta, self.log_c(budget)) + self.log_mean[0])
+
+    def err_opt(self, budget: float) -> float | None:
+        return exp_or_none(profile.log_err_opt(self.theta, self.log_c(budget)))
 
 
-def parametric_optimum(fit: dict[str, Any], flops_per_param_image: float, budget: float) -> float:
-    """N minimising E + A/N^alpha + B/D^beta subject to C = c N D."""
-    alpha, beta = fit["alpha"], fit["beta"]
-    g = (alpha * fit["A"] / (beta * fit["B"])) ** (1.0 / (alpha + beta))
-    return g * (budget / flops_per_param_image) ** (beta / (alpha + beta))
+def fit_parametric(rows: Rows) -> ParametricFit:
+    check_parametric(rows)
+    raw = np.stack([np.log(rows.params), np.log(rows.images)])
+    log_mean = raw.mean(1)
+    logs = raw - log_mean[:, None]
+    fit = fit_sum_of_powers(logs, rows.metric)
+    if not np.all(np.isfinite(fit.theta)):
+        raise FitError("the parametric fit failed from every start (the loss was not finite): check the rows")
+    c_per = float(np.median(rows.flops / (rows.params * rows.images)))
+    return ParametricFit(fit.theta, fit.loss, fit.converged, logs, rows.metric, log_mean, c_per)
+
+
+def parametric_intervals(fit: ParametricFit, budget: float, level: float = INTERVAL) -> dict[str, dict[str, Any]]:
+    """Profile-likelihood intervals of the law's parameters, its compute-optimal exponent and
+    N_opt at ``budget``: {key: {"lo", "hi", "open": [...]}} in the reported units."""
+    prof = profile.Profile(fit.logs, fit.metric, fit.theta, fit.loss, level)
+    m_n, m_d = fit.log_mean
+    quantities = {  # key: (quantity in theta, its value -> the reported value)
+        "E": (profile.coordinate(0, "e", 2), math.exp),
+        "A": (profile.linear("log A", [0, 1, m_n, 0, 0], 1), exp_or_none),
+        "alpha": (profile.coordinate(2, "alpha", 2), float),
+        "B": (profile.linear("log B", [0, 0, 0, 1, m_d], 3), exp_or_none),
+        "beta": (profile.coordinate(4, "beta", 2), float),
+        "parametric_exponent": (profile.exponent_quantity(), float),
+        "n_opt_parametric": (profile.n_opt_quantity(fit.log_c(budget)), lambda v: exp_or_none(v + m_n)),
+    }
+    bands = {key: _reported(prof.interval(q), to) for key, (q, to) in quantities.items()}
+    for key, names in edge_parameters(fit.theta).items():
+        bands[key]["at_edge"] = names
+    return bands
+
+
+# Which reported quantities a parameter of theta = (e, a', alpha, b', beta) moves.
+_DEPENDENTS = (("E",), ("A", "alpha", "parametric_exponent", "n_opt_parametric"),
+               ("A", "alpha", "parametric_exponent", "n_opt_parametric"),
+               ("B", "beta", "parametric_exponent", "n_opt_parametric"),
+               ("B", "beta", "parametric_exponent", "n_opt_parametric"))
+_THETA_NAMES = ("E", "A", "alpha", "B", "beta")
+
+
+def edge_parameters(theta: np.ndarray) -> dict[str, list[str]]:
+    """{reported key: the parameters at the edge of the search box that it depends on}.
+
+    A best fit at the box's edge (a term pushed to vanish, or to an extreme exponent that
+    follows the noise of a few runs) is where the profile's likelihood-ratio calibration
+    fails: the coverage simulation found such intervals excluding the truth in most draws."""
+    out: dict[str, list[str]] = {}
+    for value, (lo, hi), name, keys in zip(theta, bounds(2), _THETA_NAMES, _DEPENDENTS):
+        if min(value - lo, hi - value) < 1e-6 * max(1.0, abs(value)):
+            for key in keys:
+                out.setdefault(key, []).append(name)
+    return out
+
+
+def _reported(interval: profile.Interval, to) -> dict[str, Any]:
+    return {"lo": to(interval.lo), "hi": to(interval.hi),
+            "open": [end for end, is_open in (("lo", interval.lo_open), ("hi", interval.hi_open)) if is_open]}
+
+
+# ----------------------------------------------------------------------------- IsoFLOP
 
 
 def isoflop_profiles(rows: Rows) -> list[dict[str, Any]]:
     """Per budget with >= 3 distinct sizes: the parabola metric ~ q2 x^2 + q1 x + q0 in
-    x = ln N and its minimum; a budget whose parabola opens downwards has no minimum."""
+    x = ln N and its minimum, if it has one inside the sampled sizes."""
     out = []
     for label in np.unique(rows.budget):
         index = rows.budget == label
@@ -223,12 +210,13 @@ def isoflop_profiles(rows: Rows) -> list[dict[str, Any]]:
         q2, q1, q0 = np.polyfit(x, y, 2)
         flops = float(np.exp(np.mean(np.log(rows.flops[index]))))
         entry = {"budget": float(label), "flops": flops, "coeffs": [float(q2), float(q1), float(q0)],
-                 "log_params": [float(v) for v in x], "metric": [float(v) for v in y]}
-        if q2 > 0:
-            x_opt = -q1 / (2 * q2)
-            entry.update(n_opt=float(np.exp(x_opt)), extrapolated=bool(x_opt < x.min() or x_opt > x.max()))
+                 "log_params": [float(v) for v in x], "metric": [float(v) for v in y], "n_opt": None}
+        if q2 * np.ptp(x) ** 2 <= 1e-9 * np.abs(y).max():  # flat to rounding: the sign of q2 means nothing
+            entry["no_minimum"] = "the profile is flat or the parabola opens downwards"
+        elif not x.min() <= -q1 / (2 * q2) <= x.max():
+            entry["no_minimum"] = "its vertex lies outside the sampled sizes"
         else:
-            entry.update(n_opt=None, extrapolated=None)
+            entry["n_opt"] = float(np.exp(-q1 / (2 * q2)))
         out.append(entry)
     return out
 
@@ -237,12 +225,48 @@ def fit_isoflop(rows: Rows) -> dict[str, Any]:
     profiles = isoflop_profiles(rows)
     usable = [p for p in profiles if p["n_opt"] is not None]
     if len(usable) < 2:
-        raise FitError(f"IsoFLOP: {len(usable)} budget(s) with a minimum (of {len(profiles)} with >= 3 distinct "
-                       "sizes): need at least 2 budgets, each with >= 3 model sizes around its optimum")
+        raise FitError(f"IsoFLOP: {len(usable)} budget(s) with a minimum inside their sampled sizes (of "
+                       f"{len(profiles)} with >= 3 distinct sizes): N_opt(C) is not determined; give at least 2 "
+                       "budgets, each with >= 3 model sizes on both sides of its optimum")
     log_c = np.log([p["flops"] for p in usable])
+    if np.ptp(log_c) == 0:
+        raise FitError("IsoFLOP: every budget with a minimum has the same FLOPs: N_opt(C)'s exponent is not determined")
     log_n = np.log([p["n_opt"] for p in usable])
     slope, intercept = np.polyfit(log_c, log_n, 1)
     return {"exponent": float(slope), "log_k": float(intercept), "profiles": profiles}
+
+
+def _isoflop_values(fit: dict[str, Any], budget: float) -> dict[str, float | None]:
+    return {"isoflop_exponent": fit["exponent"], "n_opt_isoflop": exp_or_none(fit["log_k"] + fit["exponent"] * math.log(budget))}
+
+
+def isoflop_bootstrap(rows: Rows, budget: float, samples: int, seed: int) -> tuple[dict[str, list[float]], int, list]:
+    """Refits on rows resampled with replacement: values per key, failed refits, (log_k, exponent) pairs."""
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {"isoflop_exponent": [], "n_opt_isoflop": []}
+    pairs, failed = [], 0
+    for _ in range(samples):
+        try:
+            refit = fit_isoflop(rows.take(rng.integers(0, len(rows), len(rows))))
+        except FitError:
+            failed += 1
+            continue
+        for key, value in _isoflop_values(refit, budget).items():
+            if value is not None:
+                values[key].append(value)
+        pairs.append([refit["log_k"], refit["exponent"]])
+    return values, failed, pairs
+
+
+def _percentiles(samples: Sequence[float]) -> dict[str, Any]:
+    values = np.array([v for v in samples if np.isfinite(v)])
+    if len(values) == 0:
+        return {"lo": None, "hi": None, "open": []}
+    lo, hi = np.percentile(values, [50 * (1 - INTERVAL), 50 * (1 + INTERVAL)])
+    return {"lo": float(lo), "hi": float(hi), "open": []}
+
+
+# ----------------------------------------------------------------------------- frontier
 
 
 def frontier_points(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
@@ -255,146 +279,193 @@ def frontier_points(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     return np.array(flops), np.array(best)
 
 
-def fit_frontier(rows: Rows, extra_starts: Sequence[np.ndarray] = (), starts: int = 6) -> dict[str, Any]:
+def fit_frontier(rows: Rows) -> dict[str, Any]:
+    """err(C) = E + A C^-alpha through each budget's best run, with profile intervals when
+    there are more budgets than its 3 parameters."""
     c, y = frontier_points(rows)
     if len(c) < 3:
         raise FitError(f"frontier: {len(c)} budget(s); err(C) = E + A C^-alpha needs at least 3 budgets")
-    fit = fit_sum_of_powers(np.log(c)[None], y, starts=starts, extra_starts=extra_starts)
+    log_c = np.log(c)
+    mean = float(log_c.mean())
+    logs = (log_c - mean)[None]
+    fit = fit_sum_of_powers(logs, y)
+    if not np.all(np.isfinite(fit.theta)):
+        raise FitError("the frontier fit failed from every start (the loss was not finite)")
     e, a, alpha = fit.theta
-    return {"E": math.exp(e), "A": math.exp(a), "alpha": alpha, "converged": fit.converged, "theta": fit.theta,
-            "points": {"flops": c.tolist(), "metric": y.tolist()}}
+    out = {"E": math.exp(e), "A": exp_or_none(a + alpha * mean), "alpha": float(alpha), "converged": fit.converged,
+           "points": {"flops": c.tolist(), "metric": y.tolist()}, "intervals": {}}
+    if len(c) > 3:
+        prof = profile.Profile(logs, y, fit.theta, fit.loss, INTERVAL)
+        for key, q, to in (("E", profile.coordinate(0, "e", 1), math.exp),
+                           ("A", profile.linear("log A", [0, 1, mean], 1), exp_or_none),
+                           ("alpha", profile.coordinate(2, "alpha", 1), float)):
+            out["intervals"][key] = _reported(prof.interval(q), to)
+    return out
 
 
-# ----------------------------------------------------------------------------- everything + bootstrap
-
-
-def _interval(samples: Sequence[float]) -> tuple[float | None, float | None]:
-    values = np.array([v for v in samples if v is not None and np.isfinite(v)])
-    if len(values) == 0:
-        return None, None
-    lo, hi = np.percentile(values, [50 * (1 - INTERVAL), 50 * (1 + INTERVAL)])
-    return float(lo), float(hi)
-
+# ----------------------------------------------------------------------------- everything
 
 VALUE_KEYS = ("alpha", "beta", "E", "A", "B", "parametric_exponent", "n_opt_parametric", "isoflop_exponent",
               "n_opt_isoflop", "frontier_E", "frontier_A", "frontier_alpha")
 
+# What each quantity means, for the sentences that say a quantity is not determined.
+MEANING = {
+    "alpha": "alpha (how fast the error falls as the model grows)",
+    "beta": "beta (how fast the error falls with more images seen)",
+    "E": "E (the error that no model size or amount of data removes)",
+    "A": "A (the size of the model-size term)",
+    "B": "B (the size of the data term)",
+    "parametric_exponent": "the compute-optimal exponent beta / (alpha + beta) (how fast the best model size "
+                           "grows with compute)",
+    "n_opt_parametric": "the compute-optimal model size N_opt from the parametric law",
+    "frontier_E": "the frontier's floor E (the error more compute would approach)",
+    "frontier_A": "the frontier's scale A",
+    "frontier_alpha": "the frontier's exponent (how fast the best error falls with compute)",
+    "isoflop_exponent": "the IsoFLOP exponent a of N_opt = k C^a",
+    "n_opt_isoflop": "the compute-optimal model size N_opt from the IsoFLOP fit",
+}
+_SIZES = ("the runs vary model size too little, or the model-size term is small next to the run-to-run noise: add "
+          "model sizes (wider apart) or seeds")
+_DATA = ("the runs vary the images seen per model too little, or the data term is small next to the noise: add "
+         "budgets (wider apart)")
+_BUDGETS = "too few budgets, or budgets too close together: add budgets (wider apart)"
+HINT = {
+    "alpha": _SIZES, "A": _SIZES, "beta": _DATA, "B": _DATA,
+    "E": "E trades off against the slower of the two terms: budgets further apart, or larger ones, pin it down",
+    "parametric_exponent": f"{_SIZES}; or {_DATA}", "n_opt_parametric": f"{_SIZES}; or {_DATA}",
+    "isoflop_exponent": "too few budgets with a minimum inside their sizes: add sizes around each budget's optimum",
+    "n_opt_isoflop": "too few budgets with a minimum inside their sizes: add sizes around each budget's optimum",
+    "frontier_E": _BUDGETS, "frontier_A": _BUDGETS, "frontier_alpha": _BUDGETS,
+}
 
-def _parametric_values(p: dict[str, Any], c_per: float, budget: float) -> dict[str, float]:
-    return {"alpha": p["alpha"], "beta": p["beta"], "E": p["E"], "A": p["A"], "B": p["B"],
-            "parametric_exponent": p["beta"] / (p["alpha"] + p["beta"]),
-            "n_opt_parametric": parametric_optimum(p, c_per, budget)}
+
+# A positive quantity whose interval spans more than this factor is reported as not
+# determined even when the profile closes inside the search range (alpha in [0.003, 4.6]).
+# Amplitudes (A, B, frontier A) are exempt: at N = 1 they are extrapolations whose
+# intervals are wide by nature; only an open interval flags them.
+WIDE_FACTOR = 10.0
+# Runs past this many epochs get a warning: D (images seen) then counts repeats.
+REPEAT_EPOCHS = 4
+# IsoFLOP profiles over sizes further apart than this get a warning (the parabola's bias).
+ISOFLOP_SPAN = 30.0
+AMPLITUDES = ("A", "B", "frontier_A")
 
 
-def _isoflop_values(s: dict[str, Any], budget: float) -> dict[str, float]:
-    return {"isoflop_exponent": s["exponent"], "n_opt_isoflop": math.exp(s["log_k"]) * budget ** s["exponent"]}
+def undetermined_text(key: str, value: float | None, band: dict[str, Any]) -> str | None:
+    """A sentence for a newcomer when ``band`` says the rows do not determine ``key``; else None."""
+    lo, hi, ends, edge = band["lo"], band["hi"], band["open"], band.get("at_edge")
+    wide = (key not in AMPLITUDES and lo is not None and lo > 0 and (hi is None or hi > WIDE_FACTOR * lo))
+    if not ends and not wide and not edge:
+        return None
+    why = (f"its 80% interval stays open to the end of the search range ({' and '.join(ends)})" if ends else
+           f"its 80% interval spans more than a factor of {WIDE_FACTOR:g}" if wide else
+           f"the best fit puts {' and '.join(edge)} at the edge of the search range (a term pushed to vanish, or to "
+           "an extreme exponent that follows the noise of a few runs), where its interval cannot be trusted")
+    hint = HINT[key]
+    span = (f"every value from {_num(lo)} to {_num(hi)} fits them about as well as the best fit ({_num(value)})"
+            if not edge or ends or wide else f"the best fit is {_num(value)}, its interval [{_num(lo)}, {_num(hi)}]")
+    return (f"{MEANING.get(key, key)} is not determined by these runs: {span}; {why}, so its number means little. "
+            f"Likely cause: {hint}.")
 
 
-def _frontier_values(f: dict[str, Any]) -> dict[str, float]:
-    return {"frontier_E": f["E"], "frontier_A": f["A"], "frontier_alpha": f["alpha"]}
-
-
-def _checked_parametric(rows: Rows, **kw) -> dict[str, Any]:
-    check_parametric(rows)
-    return fit_parametric(rows, **kw)
+def _num(value: float | None) -> str:
+    if value is None:
+        return "inf"
+    return "0" if value < 1e-8 else f"{value:.3g}"
 
 
 def fit_all(rows: Rows, *, bootstrap: int = 200, seed: int = 0, at_flops: float | None = None,
             metric: str = "knn_err", strict: bool = True) -> dict[str, Any]:
-    """All three fits, their bootstrap intervals and the derived optima (JSON-ready).
+    """All three fits, their intervals and the derived optima (JSON-ready).
 
     ``strict``: a fit the rows cannot support raises :class:`FitError`; otherwise its
     values are None and ``errors`` says why (a report still shows the others)."""
-    c_per = float(np.median(rows.flops / (rows.params * rows.images)))
     budget = float(at_flops or rows.flops.max())
-    fitters = {  # name: (fit of a sample given the full-data fit, the values it yields)
-        "parametric": (lambda r, full: _checked_parametric(r, **_warm(full)),
-                       lambda p: _parametric_values(p, c_per, budget)),
-        "isoflop": (lambda r, full: fit_isoflop(r), lambda p: _isoflop_values(p, budget)),
-        "frontier": (lambda r, full: fit_frontier(r, **_warm(full)), _frontier_values),
-    }
-    full, errors, point = {}, {}, {}
-    for name, (fit, values) in fitters.items():
+    c_per = float(np.median(rows.flops / (rows.params * rows.images)))
+    point: dict[str, float | None] = {}
+    intervals: dict[str, dict[str, Any]] = {}
+    method: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    converged: dict[str, bool] = {}
+    iso: dict[str, Any] | None = None
+    frontier: dict[str, Any] | None = None
+    iso_samples: list = []
+    failed = 0
+
+    def attempt(name: str, fit):
         try:
-            full[name] = fit(rows, None)
+            return fit()
         except FitError as exc:
             if strict:
                 raise
             errors[name] = str(exc)
-            continue
-        point.update(values(full[name]))
+            return None
 
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {k: [] for k in point}
-    iso_samples: list[tuple[float, float]] = []
-    failed = {name: 0 for name in full}
-    for _ in range(bootstrap):
-        sample = rows.take(rng.integers(0, len(rows), len(rows)))
-        for name, fitted in full.items():
-            fit, values = fitters[name]
-            try:
-                refit = fit(sample, fitted)
-            except FitError:
-                refit = None
-            if refit is None or not refit.get("converged", True):
-                failed[name] += 1
-                continue
-            for key, value in values(refit).items():
-                samples[key].append(value)
-            if name == "isoflop":
-                iso_samples.append((refit["log_k"], refit["exponent"]))
+    par = attempt("parametric", lambda: fit_parametric(rows))
+    if par is not None:
+        point.update(par.values, parametric_exponent=float(par.theta[4] / (par.theta[2] + par.theta[4])),
+                     n_opt_parametric=par.n_opt(budget))
+        intervals.update(parametric_intervals(par, budget))
+        method.update(dict.fromkeys(intervals, "profile likelihood"))
+        converged["parametric"] = par.converged
+    iso = attempt("isoflop", lambda: fit_isoflop(rows))
+    if iso is not None:
+        point.update(_isoflop_values(iso, budget))
+        samples, failed, iso_samples = isoflop_bootstrap(rows, budget, bootstrap, seed)
+        for key, values in samples.items():
+            intervals[key] = _percentiles(values)
+            method[key] = "row bootstrap"
+    frontier = attempt("frontier", lambda: fit_frontier(rows))
+    if frontier is not None:
+        converged["frontier"] = frontier["converged"]
+        for key in ("E", "A", "alpha"):
+            point[f"frontier_{key}"] = frontier[key]
+            if key in frontier["intervals"]:
+                intervals[f"frontier_{key}"] = frontier["intervals"][key]
+                method[f"frontier_{key}"] = "profile likelihood"
 
     result: dict[str, Any] = {"metric": metric, "rows": len(rows), "budgets": int(len(np.unique(rows.budget)))}
+    undetermined, warnings = {}, []
     for key in VALUE_KEYS:
-        lo, hi = _interval(samples.get(key, []))
-        value = point.get(key)
-        result.update({key: None if value is None else float(value), f"{key}_lo": lo, f"{key}_hi": hi})
+        band = intervals.get(key, {"lo": None, "hi": None, "open": []})
+        result.update({key: point.get(key), f"{key}_lo": band["lo"], f"{key}_hi": band["hi"]})
+        text = undetermined_text(key, point.get(key), band)
+        if text:
+            undetermined[key] = text
+    if bootstrap and iso is not None and failed > bootstrap / 2:
+        warnings.append(f"{failed} of {bootstrap} IsoFLOP refits on resampled runs failed: its interval comes from the "
+                        "few resamples that could be fitted and understates the uncertainty")
+    spans = [math.exp(np.ptp(p["log_params"])) for p in (iso or {}).get("profiles", []) if p["n_opt"] is not None]
+    if spans and max(spans) > ISOFLOP_SPAN:
+        warnings.append(f"the IsoFLOP parabolas span model sizes up to {max(spans):.0f}x apart: over more than "
+                        f"~{ISOFLOP_SPAN:g}x a parabola in log N is a poor description and its minimum is biased, which "
+                        "the bootstrap interval does not include (fit_coverage measured 22% coverage over 3,000x); "
+                        "prefer the parametric N_opt, or sample sizes closer to each budget's optimum")
+    if rows.epochs is not None and rows.epochs.max() > REPEAT_EPOCHS:
+        warnings.append(f"{int(np.sum(rows.epochs > REPEAT_EPOCHS))} of {len(rows)} runs saw their training set more "
+                        f"than {REPEAT_EPOCHS} times (up to {rows.epochs.max():.0f}): the law's D counts images seen, "
+                        "repeats included, and repeats beyond ~4 epochs are worth less than new images (Muennighoff "
+                        "et al. 2023), which bends the data term")
+    if frontier is not None and not frontier["intervals"]:
+        warnings.append("3 budgets for the frontier's 3 parameters: it passes through their best runs exactly, so it "
+                        "has no interval; add a budget")
+    for name, ok in converged.items():
+        if not ok:
+            warnings.append(f"the {name} fit did not converge (L-BFGS-B stopped early): treat its numbers with care")
     result.update({
-        "n_opt_budget_flops": budget, "flops_per_param_image": c_per,
-        "isoflop_log_k": full["isoflop"]["log_k"] if "isoflop" in full else None,
+        "n_opt_budget_flops": budget, "flops_per_param_image": c_per, "fitted_D": "images seen (the rows' images)",
+        "isoflop_log_k": iso["log_k"] if iso else None,
         "interval": INTERVAL, "huber_delta": HUBER_DELTA,
-        "bootstrap": {"samples": bootstrap, "seed": seed, "failed": failed},
-        "converged": {name: bool(full[name]["converged"]) for name in ("parametric", "frontier") if name in full},
-        "errors": errors,
-        "at_bounds": {name: _at_bounds(full[name]["theta"], names) for name, names in
-                      (("parametric", ("E", "A", "alpha", "B", "beta")), ("frontier", ("E", "A", "alpha")))
-                      if name in full},
-        "isoflop_profiles": full["isoflop"]["profiles"] if "isoflop" in full else isoflop_profiles(rows),
-        "frontier_points": full["frontier"]["points"] if "frontier" in full else None,
-        "isoflop_bootstrap": [list(s) for s in iso_samples],
-        "holdout_largest_budget": holdout_check(rows),
+        "interval_method": method,
+        "open_intervals": {key: band["open"] for key, band in intervals.items() if band["open"]},
+        "undetermined": undetermined, "warnings": warnings,
+        "bootstrap": {"samples": bootstrap, "seed": seed, "failed": {"isoflop": failed}},
+        "converged": converged, "errors": errors,
+        "isoflop_profiles": iso["profiles"] if iso else isoflop_profiles(rows),
+        "frontier_points": frontier["points"] if frontier else None,
+        "isoflop_bootstrap": iso_samples,
     })
     return result
-
-
-def _at_bounds(theta: np.ndarray, names: Sequence[str]) -> list[str]:
-    """Parameters a fit left at a bound of its search box: not identified by the rows."""
-    return [name for name, value, (lo, hi) in zip(names, theta, _bounds((len(theta) - 1) // 2))
-            if min(value - lo, hi - value) < 1e-6 * max(1.0, abs(value))]
-
-
-def _warm(full: dict[str, Any] | None) -> dict[str, Any]:
-    """Bootstrap refits start from the full-data optimum only; full fits from the grid."""
-    return {} if full is None else {"extra_starts": [full["theta"]], "starts": 0}
-
-
-def holdout_check(rows: Rows) -> dict[str, Any]:
-    """Fit the parametric law without the largest budget; predict that budget's runs."""
-    largest = rows.budget.max()
-    train, test = rows.take(rows.budget < largest), rows.take(rows.budget == largest)
-    try:
-        check_parametric(train)
-    except FitError as exc:
-        return {"skipped": str(exc)}
-    par = fit_parametric(train)
-    logs = np.stack([np.log(test.params), np.log(test.images)])
-    pred = np.exp(_sum_of_powers(par["theta"], logs)[0])
-    return {"budget": float(largest), "runs": len(test), "converged": par["converged"],
-            "predicted": pred.tolist(), "measured": test.metric.tolist(),
-            "mean_abs_rel_error": float(np.mean(np.abs(pred - test.metric) / test.metric))}
-
-
-SUMMARY_KEYS = ("alpha", "beta", "E", "A", "B", "isoflop_exponent")
 
 
 def contract_line(result: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str) -> Path:
+def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str, forecast: dict[str, Any] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str) -> Path:
 
     summary = out / "summary.md"
     tmp = summary.with_name("summary.md.tmp")
-    tmp.write_text(summary_markdown(rows, fit, metric))
+    tmp.write_text(summary_markdown(rows, fit, metric, forecast or {"skipped": "no forecast was given"}))
     os.replace(tmp, summary)
     return out
 
@@ -94,19 +94,37 @@ def _band(fit: dict[str, Any], key: str, fmt: str = ".3g") -> str:
     if fit[key] is None:
         return "not fitted (see below)"
     lo, hi = fit[f"{key}_lo"], fit[f"{key}_hi"]
-    band = f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None else " (no interval)"
-    return f"{fit[key]:{fmt}}{band}"
+    band = (f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else " (no interval)")
+    return f"{fit[key]:{fmt}}{band}" + (" **not determined**" if key in fit["undetermined"] else "")
 
 
-def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: str) -> str:
-    failed = fit["bootstrap"]["failed"]
-    hold = fit["holdout_largest_budget"]
+def _forecast_lines(f: dict[str, Any]) -> list[str]:
+    if "skipped" in f:
+        return [f"Forecast of the largest budget: skipped ({f['skipped']})."]
+    when = ("made before its runs existed" if f["made_before_measurement"] else
+            "made after its runs existed, from the smaller budgets' runs only")
+    lines = [f"## Forecast of the largest budget ({f['budget_flops']:.3g} FLOPs), {when}", "",
+             f"Fitted on {f['fit_rows']} runs of {len(f['fit_budgets'])} smaller budgets; 80% profile-likelihood "
+             "intervals.", "", "| | predicted [80%] | measured |", "|---|---|---|",
+             f"| best error | {f['predicted_err']:.4g} [{f['predicted_err_lo']:.4g}, {f['predicted_err_hi']:.4g}] | "
+             + ("not yet" if f["measured_err"] is None else f"{f['measured_err']:.4g}") + " |",
+             f"| N_opt | {f['predicted_n_opt']:.3g} [{f['predicted_n_opt_lo']:.3g}, "
+             + ("inf" if f["predicted_n_opt_hi"] is None else f"{f['predicted_n_opt_hi']:.3g}") + "] | "
+             + ("not yet" if f["measured_n_opt"] is None else f"{f['measured_n_opt']:.3g}") + " |", "",
+             f"Counts (best error within {100 * f['err_tolerance']:.0f}% and N_opt inside the interval): "
+             f"**{f['counts']}**: {f['why']}."]
+    return lines + [f"Warning: {text}." for text in f["undetermined"].values()]
+
+
+def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: str, forecast: dict[str, Any]) -> str:
+    failed = fit["bootstrap"]["failed"]["isoflop"]
     lines = [
         f"# Sweep report: {metric}",
         "",
-        f"{fit['rows']} runs, {fit['budgets']} budgets; 80% bootstrap intervals from {fit['bootstrap']['samples']} "
-        f"resamples of the runs (failed refits: "
-        + (", ".join(f"{name} {count}" for name, count in failed.items()) or "none attempted") + ").",
+        f"{fit['rows']} runs, {fit['budgets']} budgets; 80% intervals: the parametric law and the frontier by profile "
+        f"likelihood, the IsoFLOP fit by a bootstrap over runs ({fit['bootstrap']['samples']} resamples, {failed} "
+        "failed refits). A quantity marked **not determined** has an interval that reaches the end of the search "
+        "range or spans more than a factor of 10: the runs do not pin it down (see the warnings below).",
         "",
         "| quantity | fit [80% interval] |",
         "|---|---|",
@@ -124,33 +142,21 @@ def summary_markdown(rows: list[dict[str, Any]], fit: dict[str, Any], metric: st
         f"{fit['flops_per_param_image']:.3g}. Params are encoder parameters; FLOPs the analytic training model.",
         "",
         "IsoFLOP minima: " + "; ".join(
-            f"C = {p['flops']:.2g}: " + (f"N_opt = {p['n_opt']:.3g}" + (" (outside the sampled sizes)"
-                                                                        if p["extrapolated"] else "")
-                                         if p["n_opt"] is not None else "no minimum (parabola opens downwards)")
+            f"C = {p['flops']:.2g}: " + (f"N_opt = {p['n_opt']:.3g}" if p["n_opt"] is not None
+                                         else f"no minimum ({p['no_minimum']})")
             for p in fit["isoflop_profiles"]) + ".",
         "",
     ]
     for name, message in fit["errors"].items():
         lines += [f"The {name} fit failed: {message}", ""]
-    samples = fit["bootstrap"]["samples"]
-    for name, count in failed.items():
-        if samples and count > samples / 2:
-            lines += [f"Warning: {count} of {samples} {name} refits failed: its interval comes from the few "
-                      "resamples that could be fitted and understates the uncertainty.", ""]
-    for name, params in fit.get("at_bounds", {}).items():
-        if params:
-            lines += [f"Warning: the {name} fit left {', '.join(params)} at the bound of its search range: the "
-                      "runs do not identify it (and the intervals that depend on it mean little).", ""]
-    if "skipped" in hold:
-        lines.append(f"Leave-the-largest-budget-out check: skipped ({hold['skipped']}).")
-    else:
-        lines.append(f"Leave-the-largest-budget-out check: fitted on the smaller budgets, the parametric law predicts "
-                     f"the {hold['runs']} runs at C = {hold['budget']:.3g} with a mean absolute relative error of "
-                     f"{100 * hold['mean_abs_rel_error']:.1f}%.")
-    lines += ["", "| run | params | images | FLOPs | " + metric + " | train loss (not comparable across sizes) |",
-              "|---|---|---|---|---|---|"]
+    for text in [*fit["undetermined"].values(), *fit["warnings"]]:
+        lines += [f"Warning: {text}", ""]
+    lines += _forecast_lines(forecast)
+    lines += ["", "| run | params | images seen | epochs | FLOPs | " + metric + " | train loss (not comparable across "
+              "sizes) |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["flops"], r["params"])):
-        lines.append(f"| {r['run']} | {r['params']:,} | {r['images']:,} | {r['flops']:.3g} | {r[metric]:.4f} | "
+        epochs = "?" if r.get("epochs") is None else f"{r['epochs']:.1f}"
+        lines.append(f"| {r['run']} | {r['params']:,} | {r['images']:,} | {epochs} | {r['flops']:.3g} | {r[metric]:.4f} | "
                      f"{r['final_train_loss']:.4f} |")
     lines += ["", "Plots: ![frontier](frontier.png) ![isoflop](isoflop.png) ![n_opt](n_opt.png)", ""]
     return "\n".join(lines)

@@ -121,18 +121,27 @@ def probe_run(sweep_dir: Path, run: dict[str, Any], spec: dict[str, Any]) -> dic
     return results
 
 
-def run_job(sweep_dir: Path, job: int, launcher: str = "local") -> None:
-    """Execute job ``job`` of the plan: its segments and runs, skipping finished runs."""
+def held_out_runs(plan: dict[str, Any]) -> set[str]:
+    """The largest budget's runs: what ``--hold-out-largest`` leaves for later (a forecast)."""
+    largest = max(r["budget"] for r in plan["runs"])
+    return {r["name"] for r in plan["runs"] if r["budget"] == largest}
+
+
+def run_job(sweep_dir: Path, job: int, launcher: str = "local", hold_out_largest: bool = False) -> None:
+    """Execute job ``job`` of the plan: its segments and runs, skipping finished runs (and,
+    with ``hold_out_largest``, the largest budget's: a branched job then stops at its last
+    branch point, and a later call resumes the long run from there)."""
     from scalejepa.flops import device_name
 
     plan = load_plan(sweep_dir)
     if not 0 <= job < len(plan["jobs"]):
         raise SweepRunError(f"job {job} does not exist: the plan has jobs 0..{len(plan['jobs']) - 1}")
     runs = {r["name"]: r for r in plan["runs"]}
+    skip = held_out_runs(plan) if hold_out_largest else set()
     train_wall: dict[str, float] = {}
     for action in plan["jobs"][job]:
         run = runs[action["run"]]
-        if is_finished(sweep_dir, run["name"]):
+        if is_finished(sweep_dir, run["name"]) or (action["kind"] == "run" and run["name"] in skip):
             continue
         if action["kind"] == "segment":
             if _checkpoint_at(run_dir(sweep_dir, run["name"]) / "checkpoints", action["stop_at"]) is None:
@@ -151,15 +160,16 @@ def run_job(sweep_dir: Path, job: int, launcher: str = "local") -> None:
 # ----------------------------------------------------------------------------- launchers
 
 
-def pending_jobs(sweep_dir: Path, plan: dict[str, Any]) -> list[int]:
+def pending_jobs(sweep_dir: Path, plan: dict[str, Any], hold_out_largest: bool = False) -> list[int]:
+    skip = held_out_runs(plan) if hold_out_largest else set()
     return [i for i, job in enumerate(plan["jobs"])
-            if not all(is_finished(sweep_dir, a["run"]) for a in job if a["kind"] == "run")]
+            if not all(is_finished(sweep_dir, a["run"]) for a in job if a["kind"] == "run" and a["run"] not in skip)]
 
 
-def run_local(sweep_dir: Path, parallel: int = 1) -> list[int]:
+def run_local(sweep_dir: Path, parallel: int = 1, hold_out_largest: bool = False) -> list[int]:
     """Workers for the unfinished jobs, ``parallel`` at a time; returns the failed jobs."""
     plan = load_plan(sweep_dir)
-    todo = pending_jobs(sweep_dir, plan)
+    todo = pending_jobs(sweep_dir, plan, hold_out_largest)
     skipped = len(plan["jobs"]) - len(todo)
     print(f"scalejepa-sweep: {len(todo)} jobs to run, {skipped} finished already (skipped), {parallel} at a time",
           flush=True)
@@ -180,7 +190,8 @@ def run_local(sweep_dir: Path, parallel: int = 1) -> list[int]:
                 job = queue.pop(0)
                 with (logs / f"job_{job:04d}.log").open("a") as f:
                     running[job] = subprocess.Popen(
-                        [sys.executable, "-m", "scalejepa.sweep.cli", "worker", str(sweep_dir), "--job", str(job)],
+                        [sys.executable, "-m", "scalejepa.sweep.cli", "worker", str(sweep_dir), "--job", str(job)]
+                        + (["--hold-out-largest"] if hold_out_largest else []),
                         stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             time.sleep(0.2)
             _reap(running, plan, failed, logs)
@@ -211,7 +222,7 @@ def _reap(running: dict[int, subprocess.Popen], plan: dict[str, Any], failed: li
             print(f"scalejepa-sweep: job {job} ({names}) finished", flush=True)
 
 
-def slurm_script(sweep_dir: Path, plan: dict[str, Any], jobs: list[int]) -> str:
+def slurm_script(sweep_dir: Path, plan: dict[str, Any], jobs: list[int], hold_out_largest: bool = False) -> str:
     s = plan["spec"]["slurm"]
     sweep_dir = Path(sweep_dir).resolve()
     lines = [
@@ -234,22 +245,22 @@ def slurm_script(sweep_dir: Path, plan: dict[str, Any], jobs: list[int]) -> str:
         f"export GPUS_PER_NODE=${{GPUS_PER_NODE:-{s['gpus_per_node']}}}",
         f"cd {shlex.quote(os.getcwd())}",
         f'exec {shlex.quote(sys.executable)} -m scalejepa.sweep.cli worker {shlex.quote(str(sweep_dir))} '
-        '--job "$SLURM_ARRAY_TASK_ID" --launcher slurm',
+        '--job "$SLURM_ARRAY_TASK_ID" --launcher slurm' + (" --hold-out-largest" if hold_out_largest else ""),
     ]
     return "\n".join(lines) + "\n"
 
 
-def run_slurm(sweep_dir: Path, submit: bool = True) -> Path:
+def run_slurm(sweep_dir: Path, submit: bool = True, hold_out_largest: bool = False) -> Path:
     """Write ``DIR/slurm/sweep.sbatch`` for the unfinished jobs and submit it with sbatch."""
     plan = load_plan(sweep_dir)
-    jobs = pending_jobs(sweep_dir, plan)
+    jobs = pending_jobs(sweep_dir, plan, hold_out_largest)
     if not jobs:
         raise SweepRunError(f"every run of {sweep_dir} is finished: nothing to submit")
     path = Path(sweep_dir) / "slurm" / "sweep.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     (Path(sweep_dir) / "logs").mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(slurm_script(sweep_dir, plan, jobs))
+    tmp.write_text(slurm_script(sweep_dir, plan, jobs, hold_out_largest))
     tmp.chmod(0o755)
     os.replace(tmp, path)
     if submit:
