@@ -75,3 +75,18 @@ def test_bad_specs_fail_before_any_run(tmp_path, capsys, change, message):
     with pytest.raises(SweepSpecError, match=message):
         plan_sweep(spec_from_dict(json.loads(spec.read_text())))
     assert not out.exists()  # nothing written, nothing run
+
+
+def test_gpu_sweep_wall_time_comes_from_the_planner(capsys):
+    """estimate.gpus prices each shape's step with scalejepa-plan instead of an assumed rate;
+    its cluster must be one run's (ranks GPUs)."""
+    spec = {**MICRO, "probe": {"train_shards": "builtin:mnist5k:train", "val_shards": "builtin:mnist5k:val"},
+            "ranks": 2, "overrides": {"train.batch_size": 16, "distributed.backend": "fsdp2"}}
+    plan = plan_sweep(spec_from_dict({**spec, "estimate": {"gpus": "h100-sxm:1x2"}}))
+    assert "scalejepa-plan on h100-sxm:1x2 (predicted)" == plan["totals"]["est_source"]
+    for run in plan["runs"]:
+        assert 0 < run["step_s_est"] < 0.1  # a micro ViT step on an H100: milliseconds
+    steps = sum(r["steps"] for r in plan["runs"])
+    assert plan["totals"]["est_wall_s"] == pytest.approx(steps * plan["runs"][0]["step_s_est"])
+    with pytest.raises(SweepSpecError, match="has 8 GPUs but each run has ranks=2"):
+        spec_from_dict({**spec, "estimate": {"gpus": "h100-sxm:1x8"}})

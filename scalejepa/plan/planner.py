@@ -70,6 +70,14 @@ def price(config: Config, cluster: Cluster, *, efficiency: dict[str, float] | No
                   traced_as=_stand_ins(requested, config))
 
 
+def step_seconds(config: Config, cluster: Cluster) -> float:
+    """The predicted time of one typical optimizer step of ``config`` on ``cluster`` (no
+    memory verdict: ``scalejepa-sweep plan`` prices many shapes with it)."""
+    config = planning_config(config)
+    check_plannable(config, cluster.world_size)
+    return schedule(trace_step(config, cluster.world_size), cluster).step_s
+
+
 def _stand_ins(requested: Config, traced: Config) -> dict[str, str]:
     """What the trace ran in place of what the config asks for (see ``planning_config``)."""
     pairs = {"model.attn_impl": (requested.model.attn_impl, traced.model.attn_impl),

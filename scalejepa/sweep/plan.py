@@ -86,6 +86,7 @@ def plan_sweep(spec: SweepSpec, spec_source: str = "") -> dict[str, Any]:
     s = spec.schedule
     runs: list[dict[str, Any]] = []
     jobs: list[list[dict[str, Any]]] = []
+    step_seconds = _step_time_estimator(spec)
     for seed in spec.seeds:
         for shape in spec.shapes:
             probe = _config(spec, run_overrides(spec, shape, seed, 1, 0, 1), f"shape {shape.label()}")
@@ -107,6 +108,7 @@ def plan_sweep(spec: SweepSpec, spec_source: str = "") -> dict[str, Any]:
                 warmups = [min(warmups)] * len(group)  # one warm-up for the long run and its branches
             keep = len(group) if s.branch else 1
             params = flops.param_counts(probe)
+            step_s = step_seconds(probe, per_step)
             members = []
             for (value, steps), warmup in zip(group, warmups):
                 overrides = run_overrides(spec, shape, seed, steps, warmup, keep)
@@ -116,7 +118,7 @@ def plan_sweep(spec: SweepSpec, spec_source: str = "") -> dict[str, Any]:
                     "name": name, "shape": shape.label(), "shape_spec": vars(shape), "seed": seed,
                     "budget": value, "budget_unit": spec.budgets.unit, "steps": steps, "warmup_steps": warmup,
                     "batch_size": probe.train.batch_size, "images": steps * probe.train.batch_size,
-                    "flops_per_image_est": per_image, "flops_est": steps * per_step,
+                    "flops_per_image_est": per_image, "flops_est": steps * per_step, "step_s_est": step_s,
                     "params": params, "base": spec.base, "overrides": overrides,
                     "parent": None, "from_step": None,
                 })
@@ -125,13 +127,32 @@ def plan_sweep(spec: SweepSpec, spec_source: str = "") -> dict[str, Any]:
                                                                                for m in members]
     total = sum(r["flops_est"] for r in runs)
     spent = sum(r["flops_est"] - (r["from_step"] or 0) * r["batch_size"] * r["flops_per_image_est"] for r in runs)
+    wall = sum((r["steps"] - (r["from_step"] or 0)) * r["step_s_est"] for r in runs)
     return {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "name": spec.name, "spec_source": spec_source,
         "spec": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs, "jobs": jobs,
         "totals": {"runs": len(runs), "flops_of_runs": total, "flops_to_train": spent,
-                   "est_wall_s": spent / (spec.estimate.gflops_per_s * 1e9)},
+                   "est_wall_s": wall, "est_source": _estimate_source(spec)},
     }
+
+
+def _step_time_estimator(spec: SweepSpec):
+    """Seconds per optimizer step of a run's config: scalejepa-plan's predicted step on
+    ``estimate.gpus``, or the step's FLOPs at ``estimate.gflops_per_s``."""
+    if not spec.estimate.gpus:
+        return lambda config, step_flops: step_flops / (spec.estimate.gflops_per_s * 1e9)
+    from scalejepa.plan.hardware import parse_cluster  # traces on fake tensors: GPU sweeps only
+    from scalejepa.plan.planner import step_seconds
+
+    cluster = parse_cluster(spec.estimate.gpus)
+    return lambda config, step_flops: step_seconds(config, cluster)
+
+
+def _estimate_source(spec: SweepSpec) -> str:
+    if spec.estimate.gpus:
+        return f"scalejepa-plan on {spec.estimate.gpus} (predicted)"
+    return f"an assumed {spec.estimate.gflops_per_s:g} GFLOP/s per run (estimate.gflops_per_s)"
 
 
 def _steps(spec: SweepSpec, value: float, per_step: float, batch: int, shape: ShapeSpec) -> int:
@@ -180,20 +201,19 @@ def load_plan(sweep_dir: Path) -> dict[str, Any]:
 
 
 def format_table(plan: dict[str, Any]) -> str:
-    rate = plan["spec"]["estimate"]["gflops_per_s"]
     head = (f"{'run':<36} {'enc params':>10} {'steps':>6} {'images':>8} {'GFLOP/img':>9} {'FLOPs':>9} "
             f"{'est wall':>9}  branch")
     lines = [head, "-" * len(head)]
     for r in plan["runs"]:
         trained = r["steps"] - (r["from_step"] or 0)
-        wall = trained * r["batch_size"] * r["flops_per_image_est"] / (rate * 1e9)
+        wall = trained * r["step_s_est"]
         branch = f"from {r['parent']} @ {r['from_step']}" if r["parent"] else ""
         lines.append(f"{r['name']:<36} {r['params']['encoder']:>10,} {r['steps']:>6} {r['images']:>8} "
                      f"{r['flops_per_image_est'] / 1e9:>9.4f} {r['flops_est']:>9.3g} {wall:>8.0f}s  {branch}")
     t = plan["totals"]
     lines.append(f"{t['runs']} runs in {len(plan['jobs'])} jobs, {t['flops_of_runs']:.3g} FLOPs of runs, "
-                 f"{t['flops_to_train']:.3g} to train; est. {t['est_wall_s'] / 60:.1f} min of training at an assumed "
-                 f"{rate:g} GFLOP/s per run (estimate.gflops_per_s; probes and start-up not included)")
+                 f"{t['flops_to_train']:.3g} to train; est. {t['est_wall_s'] / 60:.1f} min of training from "
+                 f"{t['est_source']} (probes and start-up not included)")
     return "\n".join(lines)
 
 

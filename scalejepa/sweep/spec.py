@@ -85,8 +85,12 @@ class ProbeSpec:
 
 @dataclass
 class EstimateSpec:
-    # Achieved training throughput assumed for the plan's wall-time column (GFLOP/s per
-    # run, model FLOPs); `collect` records the measured one.
+    # Where the plan's wall-time column comes from. gpus (KIND:NODESxPER_NODE, as
+    # scalejepa-plan takes it; its world size must equal `ranks`): each shape's step is
+    # traced and priced by scalejepa-plan (predicted). Empty: an achieved throughput of
+    # gflops_per_s per run (model FLOPs), for CPU sweeps, which the planner does not price.
+    # `collect` records the measured throughput either way.
+    gpus: str = ""
     gflops_per_s: float = 50.0
 
 
@@ -191,6 +195,16 @@ def check_spec(spec: SweepSpec) -> None:
             raise SweepSpecError(f"{name} must be >= 1")
     if spec.estimate.gflops_per_s <= 0:
         raise SweepSpecError("estimate.gflops_per_s must be > 0")
+    if spec.estimate.gpus:
+        from scalejepa.plan.hardware import parse_cluster  # only GPU sweeps need the planner's table
+
+        try:
+            cluster = parse_cluster(spec.estimate.gpus)
+        except ValueError as exc:
+            raise SweepSpecError(f"estimate.gpus: {exc}") from None
+        if cluster.world_size != spec.ranks:
+            raise SweepSpecError(f"estimate.gpus={spec.estimate.gpus} has {cluster.world_size} GPUs but each run "
+                                 f"has ranks={spec.ranks}: give the cluster of one run")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
