@@ -250,6 +250,9 @@ def report(priced: Priced, cluster: Cluster) -> dict:
         "grad_accum": priced.grad_accum,
         "global_batch": config.train.batch_size,
         "memory_gib": priced.memory,
+        # what is alive at the moment of the peak (the categories above are each one's most)
+        "memory_at_peak_gib": ({k: v / GIB for k, v in priced.peak_trace.memory_at_peak.items()}
+                               if priced.peak_trace else None),
         "usable_gib": cluster.usable_gib(),
         "fits": priced.memory["peak"] <= cluster.usable_gib(),
         **step.to_dict(),
