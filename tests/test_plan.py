@@ -252,3 +252,14 @@ def test_calibration_refuses_a_file_without_phases_or_from_an_unknown_gpu(tmp_pa
     path.write_text(json.dumps({"env": {"device": "NVIDIA H200"}, "settings": {}, "variants": [{"variant": "a"}]}))
     with pytest.raises(ConfigError, match="no variant of this file has phases_ms"):
         calibrate(path)
+
+
+def test_deepspeed_zero3_partitions_the_model_states():
+    config = load_config("debug_cpu", [*SMALL, "distributed.backend=deepspeed"])
+    cluster = parse_cluster("a100-40gb:1x4")
+    zero2 = report(price(dataclasses.replace(config, distributed=dataclasses.replace(
+        config.distributed, zero_stage=2)), cluster), cluster)
+    zero3 = report(price(dataclasses.replace(config, distributed=dataclasses.replace(
+        config.distributed, zero_stage=3)), cluster), cluster)
+    assert zero3["memory_gib"]["model_states"] < zero2["memory_gib"]["model_states"]
+    assert zero3["memory_gib"]["target_encoder"] < zero2["memory_gib"]["target_encoder"]

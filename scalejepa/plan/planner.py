@@ -109,8 +109,8 @@ def _price_deepspeed(config: Config, cluster: Cluster, efficiency, label: str) -
     per_node, nodes = cluster.per_node, cluster.nodes
     if stage == 3:
         layer = _largest_layer_params(config)
-        _, states = estimate_zero3_model_states_mem_needs(trained, layer, per_node, nodes, cpu_offload=False,
-                                                          cpu_offload_params=False, zero_init=True)
+        _, states, _ = estimate_zero3_model_states_mem_needs(trained, layer, per_node, nodes, cpu_offload=False,
+                                                             cpu_offload_params=False, zero_init=True)
         target_bytes = 4 * target / world + 4 * layer  # its own forward-only ZeRO-3 engine, fp32
     else:
         _, states = estimate_zero2_model_states_mem_needs(trained, per_node, nodes, cpu_offload=False)
@@ -278,17 +278,22 @@ def report(priced: Priced, cluster: Cluster) -> dict:
 
 
 def candidates(config: Config, cluster: Cluster) -> list[tuple[str, Config]]:
-    """Backends worth comparing on this cluster, each with and without activation
-    checkpointing."""
+    """Layouts worth comparing on this cluster, each with and without activation
+    checkpointing: one device; FSDP2 over all GPUs; HSDP sharded within one node, or two
+    nodes when there are four or more; DeepSpeed ZeRO-2 and ZeRO-3 where DeepSpeed is
+    installed."""
     base = []
     if cluster.world_size == 1:
         base.append(("none", _with(config, distributed={"backend": "none", "shard_group_size": 0})))
     base.append(("fsdp2", _with(config, distributed={"backend": "fsdp2", "shard_group_size": 0})))
-    if cluster.nodes > 1:
-        base.append((f"fsdp2 hsdp shard {cluster.per_node}",
-                     _with(config, distributed={"backend": "fsdp2", "shard_group_size": cluster.per_node})))
+    groups = [cluster.per_node] * (cluster.nodes > 1) + [2 * cluster.per_node] * (cluster.nodes >= 4)
+    for group in groups:
+        base.append((f"fsdp2 hsdp shard {group}",
+                     _with(config, distributed={"backend": "fsdp2", "shard_group_size": group})))
     if cluster.world_size > 1 and _has_deepspeed():
-        base.append(("deepspeed zero2", _with(config, distributed={"backend": "deepspeed", "zero_stage": 2})))
+        for stage in (2, 3):
+            base.append((f"deepspeed zero{stage}", _with(config, distributed={"backend": "deepspeed",
+                                                                              "zero_stage": stage})))
     out = []
     for label, cand in base:
         out.append((label, _with(cand, distributed={"activation_checkpointing": False})))

@@ -279,8 +279,9 @@ class StepRecorder(TorchDispatchMode):
 
 @contextlib.contextmanager
 def fake_world(world_size: int) -> Iterator[None]:
-    """A fake process group of ``world_size`` ranks in this process (this process is rank 0);
-    nothing if a real group is already initialised (the tests' gloo ranks)."""
+    """A fake process group of ``world_size`` ranks in this process (this process is rank 0)
+    for the length of a trace; nothing if a real group is already initialised (the tests'
+    gloo ranks). It must not outlive the trace: code that finds a process group uses it."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
