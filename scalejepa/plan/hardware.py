@@ -2,15 +2,18 @@
 
 A roofline should use what a GPU achieves, not its data sheet: the figures below are
 **achievable** rates (a large bf16 matmul, a device-to-device copy, a large NCCL collective).
-Where this project measured one, it says so; every other figure is the data sheet times the
-ratio measured on the H100 (so all kinds are derated alike) and is labelled "derived".
+Two were seen on an H100 and an H200 of the kind this project is lent (a matmul and a copy
+probe of the machines, not a benchmark of this project, which has not run on a GPU); every
+other figure is the data sheet times the ratio seen on the H100, so all kinds are derated
+alike.
 
 Sources:
 - Data sheets: NVIDIA A100 (2020, rev. 2021), H100 (2023), H200 (2024), B200 / DGX B200 (2024).
   Dense (no 2:4 sparsity) bf16 tensor-core peaks come from ``scalejepa.flops.PEAK_BF16_TFLOPS``.
-- Measured on the lent H100 SXM (this project's platform notes, 2026-11): an 8192^3 bf16
-  matmul at ~798 TFLOP/s (81% of 989) and device copies at ~3.0 TB/s (90% of 3.35 TB/s); on
-  the lent H200, copies at ~4.3 TB/s (90% of 4.8 TB/s).
+- Seen on the lent machines (the workplace's platform notes, 2026-11; no results file of
+  this project holds them): on the H100 SXM an 8192^3 bf16 matmul at ~798 TFLOP/s (81% of
+  989) and device copies at ~3.0 TB/s (90% of 3.35 TB/s); on the H200 copies at ~4.3 TB/s
+  (90% of 4.8 TB/s).
 - Collectives: nccl-tests all-gather / reduce-scatter "bus bandwidth" on NVSwitch systems
   reaches roughly 80% of the per-direction NVLink rate; between nodes, about 90% of one NIC
   per GPU (the DGX reference designs give each GPU its own NIC: 200 Gb/s for A100, 400 Gb/s
@@ -26,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from scalejepa.config import ConfigError
 from scalejepa.flops import peak_tflops_for_name
 
-# Ratios measured on the lent H100 SXM (see the module docstring).
+# Ratios seen on the lent H100 SXM (see the module docstring).
 MATMUL_EFFICIENCY = 798.0 / 989.0
 COPY_EFFICIENCY = 3.0 / 3.35
 NVLINK_BUS_EFFICIENCY = 0.8
@@ -45,7 +48,7 @@ class GpuKind:
     nvlink_gb_s: float  # data sheet, per GPU per direction (0: PCIe only)
     pcie_gb_s: float  # per direction
     nic_gbit_s: float  # one NIC per GPU in the vendor's reference node
-    measured: tuple[str, ...] = ()  # which achievable figures were measured on this kind
+    measured: tuple[str, ...] = ()  # which achievable figures were seen on this kind (not data sheet x ratio)
 
     @property
     def bf16_tflops(self) -> float:

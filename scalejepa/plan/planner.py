@@ -219,7 +219,7 @@ def max_micro_batch(config: Config, cluster: Cluster, first: StepTrace | None = 
 
 
 def report(priced: Priced, cluster: Cluster) -> dict:
-    """The planner's JSON object for one priced configuration (see the README's keys)."""
+    """The planner's JSON object for one priced configuration (``scalejepa-plan --json``)."""
     config, step = priced.config, priced.step
     world = cluster.world_size
     per_gpu_batch = priced.micro_batch * priced.grad_accum
