@@ -74,7 +74,7 @@ def one_step(model, target, images, masks, autocast_dtype) -> tuple[float, dict[
 
 
 def compare(args, device: torch.device) -> dict:
-    from scalejepa.config import load_config, validate
+    from scalejepa.config import load_config
     from scalejepa.ijepa import build_models
     from scalejepa.masks import MaskGenerator, mask_rng
 
@@ -83,7 +83,6 @@ def compare(args, device: torch.device) -> dict:
     if args.smoke:
         overrides = ["mask.min_keep=4", *overrides]
     config = load_config(args.preset, overrides)
-    validate(config)
     grid = config.model.image_size // config.model.patch_size
     masks = MaskGenerator(grid, config.mask)(args.batch, mask_rng(args.seed, 0, 0, 0)).to(device)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -43,7 +44,6 @@ from scalejepa.config import (
     load_config,
     preset_names,
     save_config,
-    validate,
 )
 from scalejepa.data.pipeline import ShardDataError, SyntheticLoader, TrainLoader
 from scalejepa.data.shard_index import ShardIndexError
@@ -86,11 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        if args.init_from:
-            config.checkpoint.init_from = args.init_from
-        if config.checkpoint.init_from:  # an absolute path: the run's record of where its weights came from
-            config.checkpoint.init_from = str(Path(config.checkpoint.init_from).expanduser().absolute())
-        validate(config)
+        init_from = args.init_from or config.checkpoint.init_from
+        if init_from:  # an absolute path: the run's record of where its weights came from
+            config = dataclasses.replace(config, checkpoint=dataclasses.replace(
+                config.checkpoint, init_from=str(Path(init_from).expanduser().absolute())))
     except ConfigError as exc:
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2

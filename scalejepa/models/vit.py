@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalejepa.config import ModelConfig, check_model_shape
+from scalejepa.config import ModelConfig
 
 from .init import init_vit_weights
 from .layers import Block, PatchEmbed, Seqs, prepare_layout, sincos_pos_embed_2d
@@ -40,12 +40,9 @@ VIT_SIZES: dict[str, VitSize] = {
 
 def model_size(config: ModelConfig) -> VitSize:
     """The encoder shape of a model config: a named size, or model.arch=custom's shape
-    (checked: width divisible by heads, head dimension a multiple of 8)."""
+    (which the config checked when it was built)."""
     if config.arch != "custom":
-        if config.arch not in VIT_SIZES:
-            raise ValueError(f"unknown architecture {config.arch!r}; choose one of {', '.join(VIT_SIZES)} or custom")
         return VIT_SIZES[config.arch]
-    check_model_shape(config)
     return VitSize(config.width, config.depth, config.heads, round(config.width * config.mlp_ratio))
 
 
