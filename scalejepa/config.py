@@ -77,8 +77,8 @@ class ModelConfig(_Section):
     pred_dim: int = 384
     pred_heads: int = 0  # 0: as many heads as the encoder (the reference's choice)
     # How attention runs: PyTorch SDPA (dense, or padded to the longest sequence when
-    # lengths differ), this project's Triton varlen kernels (and fused gathers),
-    # FlexAttention with a document mask, SDPA on nested jagged tensors (packed),
+    # lengths differ), this project's Triton varlen kernel, FlexAttention with a document
+    # mask, SDPA on nested jagged tensors (packed),
     # torch.nn.attention.varlen (CUDA, torch >= 2.10), or eager softmax(QK^T)V as the
     # reference code (a baseline for benchmarks). The library paths are kept selectable so
     # that one measured within 3% of triton's speed (benchmarks/attention.py) can take
@@ -88,6 +88,18 @@ class ModelConfig(_Section):
     # (cuDNN builds a plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); flash
     # has no key mask (padded SDPA needs efficient, cudnn or math); on CPU: flash or math.
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    # How the packed inputs are gathered (the context encoder's kept tokens plus their
+    # position embeddings; the predictor's [context ; mask tokens] sequences): PyTorch
+    # index ops, or this project's fused Triton kernels. auto: triton with
+    # attn_impl=triton, else torch, which is what attn_impl alone chose before this key.
+    gather_impl: Literal["auto", "torch", "triton"] = "auto"
+
+    @property
+    def gathers(self) -> Literal["torch", "triton"]:
+        """The gather kernels that run: ``gather_impl`` with auto resolved."""
+        if self.gather_impl != "auto":
+            return self.gather_impl
+        return "triton" if self.attn_impl == "triton" else "torch"
 
     def _check(self) -> None:
         """model.arch=custom needs a shape that builds (width a multiple of heads, head

@@ -107,6 +107,15 @@ def test_every_named_arch_has_a_size():
     assert set(archs) == {*VIT_SIZES, "custom"}
 
 
+@pytest.mark.parametrize("attn_impl, gather_impl, gathers", [
+    ("sdpa", "auto", "torch"), ("triton", "auto", "triton"),  # auto: what attn_impl alone chose before
+    ("triton", "torch", "torch"), ("sdpa", "triton", "triton"),
+])
+def test_gather_kernels_are_their_own_choice(attn_impl, gather_impl, gathers):
+    model = load_config("debug_cpu", [f"model.attn_impl={attn_impl}", f"model.gather_impl={gather_impl}"]).model
+    assert model.gathers == gathers
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load_config("vit_h14_in1k_ep300", ["train.seed=3"])
     save_config(config, tmp_path / "config.yaml")

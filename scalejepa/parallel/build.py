@@ -36,10 +36,11 @@ def check_device_support(config: Config, device: torch.device) -> None:
     impl, sdpa_backend = config.model.attn_impl, config.model.sdpa_backend
     if impl == "flex" and device.type == "cpu":
         raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use sdpa")
-    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(
-            "model.attn_impl=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; for tests): use sdpa"
-        )
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        for key, value, instead in (("attn_impl", impl, "sdpa"), ("gather_impl", config.model.gathers, "torch")):
+            if value == "triton":
+                raise ConfigError(f"model.{key}=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; "
+                                  f"for tests): use model.{key}={instead}")
     if impl == "torch_varlen":
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             raise ConfigError(f"model.attn_impl=torch_varlen needs torch >= 2.10 (this is {torch.__version__}): "
