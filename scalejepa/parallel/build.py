@@ -28,7 +28,9 @@ from scalejepa.ijepa import IJEPA, build_models
 from scalejepa.init_from import InitWeights
 from scalejepa.models.vit import VisionTransformer
 from scalejepa.parallel.blocks import apply_block_options
+from scalejepa.parallel.deepspeed import wrap_deepspeed
 from scalejepa.parallel.engine import Engine, TorchEngine, build_optimizer, materialize
+from scalejepa.parallel.fsdp import wrap_fsdp2
 from scalejepa.parallel.precision import autocast_dtype
 
 
@@ -75,9 +77,9 @@ def build_engine(config: Config, env: DistEnv, init: InitWeights | None = None, 
     if backend == "none":
         wrap = wrap_single_device
     elif backend == "fsdp2":
-        from scalejepa.parallel.fsdp import wrap_fsdp2 as wrap
+        wrap = wrap_fsdp2
     elif backend == "deepspeed":
-        from scalejepa.parallel.deepspeed import wrap_deepspeed as wrap
+        wrap = wrap_deepspeed
     else:
         raise ConfigError(f"unknown distributed.backend={backend!r}; choose none, fsdp2 or deepspeed")
     torch.manual_seed(config.train.seed)
