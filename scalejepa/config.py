@@ -51,6 +51,11 @@ class _Section:
     def _check(self) -> None:
         """Rules between this section's fields."""
 
+    def _at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{self.SECTION}.{name}={getattr(self, name)} must be >= {minimum}")
+
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
@@ -184,8 +189,7 @@ class DataConfig(_Section):
     synthetic: bool = False
 
     def _check(self) -> None:
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers must be >= 0")
+        self._at_least(0, "num_workers")
 
 
 @dataclass(frozen=True)
@@ -223,8 +227,7 @@ class OptimConfig(_Section):
     def _check(self) -> None:
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
-        if self.warmup_steps < 0:
-            raise ConfigError("optim.warmup_steps must be >= 0")
+        self._at_least(0, "warmup_steps")
 
 
 @dataclass(frozen=True)
@@ -251,9 +254,7 @@ class TrainConfig(_Section):
     preempt_signals: str = "SIGTERM,SIGUSR1"
 
     def _check(self) -> None:
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
+        self._at_least(1, "batch_size", "grad_accum", "log_every")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
                               f"train.grad_accum={self.grad_accum}")
@@ -276,8 +277,7 @@ class CheckpointConfig(_Section):
     init_from: str = ""
 
     def _check(self) -> None:
-        if self.keep < 1:
-            raise ConfigError("checkpoint.keep must be >= 1")
+        self._at_least(1, "keep")
 
 
 @dataclass(frozen=True)
@@ -329,8 +329,8 @@ class ProfileConfig(_Section):
     steps: int = 3
 
     def _check(self) -> None:
-        if self.start < 0 or self.steps < 1:
-            raise ConfigError("profile.start must be >= 0 and profile.steps >= 1")
+        self._at_least(0, "start")
+        self._at_least(1, "steps")
 
 
 @dataclass(frozen=True)
