@@ -109,6 +109,7 @@ class ModelConfig(_Section):
     def _check(self) -> None:
         """model.arch=custom needs a shape that builds (width a multiple of heads, head
         dimension a multiple of 8, an integer MLP width); named sizes take no shape keys."""
+        self._at_least(1, "image_size", "patch_size", "in_chans")
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.image_size={self.image_size} must be a multiple of "
                               f"model.patch_size={self.patch_size}")
