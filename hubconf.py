@@ -11,7 +11,7 @@ reference I-JEPA checkpoint). ``preset``: a config name or YAML file; the encode
 randomly initialised from its ``train.seed``, as that run starts.
 """
 
-from scalejepa.config import load_config, validate
+from scalejepa.config import load_config
 from scalejepa.eval.spec import EncoderSpec
 from scalejepa.eval.weights import build_encoder_from, load_weights, random_encoder
 
@@ -25,5 +25,4 @@ def encoder(preset: str | None = None, weights: str | None = None, entry: str = 
     if weights is not None:
         return build_encoder_from(load_weights(weights, entry))
     config = load_config(preset)
-    validate(config)
     return random_encoder(EncoderSpec.from_config(config), seed=config.train.seed)

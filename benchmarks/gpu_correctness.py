@@ -1,4 +1,5 @@
-"""One I-JEPA training step with ``attn_impl=triton`` against the same step with ``sdpa``.
+"""One I-JEPA training step on this project's Triton kernels (``model.attn_impl=triton``,
+``model.gather_impl=triton``) against the same step on PyTorch's (``sdpa``, ``torch``).
 
 Both run the same weights (the triton model loads the sdpa model's state dict), the same
 synthetic images and the same masks (``mask.context=pack``: every sampled context token
@@ -37,6 +38,7 @@ ensure_importable()
 # Relative tolerances (loss, global gradient norm of the difference) by compute precision:
 # bf16 rounds every matmul input to 8 bits of mantissa, and the two paths round differently.
 TOLERANCE = {"bf16": {"loss": 1e-2, "grad": 1e-1}, "fp32": {"loss": 1e-4, "grad": 1e-3}}
+GATHERS = {"sdpa": "torch", "triton": "triton"}  # the gathers each side runs (model.gather_impl)
 
 
 def parse_args(argv=None):
@@ -74,7 +76,7 @@ def one_step(model, target, images, masks, autocast_dtype) -> tuple[float, dict[
 
 
 def compare(args, device: torch.device) -> dict:
-    from scalejepa.config import load_config, validate
+    from scalejepa.config import load_config
     from scalejepa.ijepa import build_models
     from scalejepa.masks import MaskGenerator, mask_rng
 
@@ -83,7 +85,6 @@ def compare(args, device: torch.device) -> dict:
     if args.smoke:
         overrides = ["mask.min_keep=4", *overrides]
     config = load_config(args.preset, overrides)
-    validate(config)
     grid = config.model.image_size // config.model.patch_size
     masks = MaskGenerator(grid, config.mask)(args.batch, mask_rng(args.seed, 0, 0, 0)).to(device)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -95,7 +96,8 @@ def compare(args, device: torch.device) -> dict:
     for impl in ("sdpa", "triton"):
         torch.manual_seed(args.seed)
         with torch.device(device):
-            built[impl] = build_models(dataclasses.replace(config.model, attn_impl=impl), config.train.loss)
+            model = dataclasses.replace(config.model, attn_impl=impl, gather_impl=GATHERS[impl])
+            built[impl] = build_models(model, config.train.loss)
     for src, dst in zip(built["sdpa"], built["triton"]):  # same weights, exactly
         dst.load_state_dict(src.state_dict(), strict=True)
     build_s = time.perf_counter() - t0

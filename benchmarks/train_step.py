@@ -72,7 +72,7 @@ from _train_step_batches import prepare_batches  # noqa: E402
 from _train_step_report import markdown, projection, save  # noqa: E402
 
 from scalejepa import flops  # noqa: E402
-from scalejepa.config import Config, load_config, validate  # noqa: E402
+from scalejepa.config import Config, load_config  # noqa: E402
 from scalejepa.dist_env import DistEnv, ensure_process_group, shutdown_distributed  # noqa: E402
 from scalejepa.step import StepSchedule, train_step  # noqa: E402
 
@@ -110,9 +110,7 @@ def variant_config(args, variant: Variant) -> Config:
                  f"train.seed={args.seed}", *variant.overrides, *args.override]
     if args.smoke:
         overrides = ["mask.min_keep=4", *overrides]
-    config = load_config(args.preset, overrides)
-    validate(config)
-    return config
+    return load_config(args.preset, overrides)
 
 
 def time_reference_code(args, config: Config, device: torch.device, result: dict):

@@ -64,7 +64,7 @@ def interpreter_problem() -> str:
     are loaded (all of ours: sequence offsets) then fails with "only 0-dimensional arrays can
     be converted to Python scalars" (triton-lang/triton#9171, fixed in 3.7; compiled kernels
     are unaffected)."""
-    import numpy
+    import numpy  # here: only the interpreter needs it; the kernels depend on torch and triton alone
 
     if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
         return (f"the Triton {triton.__version__} interpreter cannot run with NumPy {numpy.__version__} (it converts "

@@ -46,6 +46,9 @@ import torch
 
 from . import _common
 
+# triton is imported inside the functions that use it: without it this module still imports,
+# and main() says what to install.
+
 # The modules, not the same-named functions that the package namespace exports.
 varlen_attention = importlib.import_module(".varlen_attention", __package__)
 gather_tokens = importlib.import_module(".gather_tokens", __package__)

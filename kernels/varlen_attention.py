@@ -90,7 +90,6 @@ __all__ = ["varlen_attention", "varlen_attention_reference"]
 MAX_HEAD_DIM = 256
 _MAX_GRID_YZ = 65535  # CUDA limit on grid axes 1 and 2 (heads, sequences)
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 # ============================================================================ Triton kernels

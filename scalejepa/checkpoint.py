@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.stateful import Stateful
 
+from scalejepa.data.pipeline import LoaderState
 from scalejepa.io import atomic_write_text, fsync_dir, fsync_tree
 from scalejepa.layout import (
     COMMIT_MARKER,
@@ -128,8 +129,6 @@ class TrainState(Stateful):
         if "rng_cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["rng_cuda"])
         if mine["data_streams"]:
-            from scalejepa.data.pipeline import LoaderState
-
             self.data = LoaderState.from_rows(mine["data_streams"])
 
 

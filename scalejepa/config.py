@@ -4,13 +4,17 @@ A run is configured by a preset (``scalejepa/configs/NAME.yaml`` or a path to a 
 file) plus ``key=value`` overrides (``optim.lr=1e-3``). Every key is checked against the
 dataclasses below: an unknown key, a value of the wrong type or a value outside the
 allowed choices raises :class:`ConfigError` naming the key and what is allowed, before
-any work starts. The resolved config is written into the run directory.
+any work starts. A config that exists is valid: every section checks its types, choices
+and rules when it is built, by :func:`load_config`, directly or by ``dataclasses.replace``
+(torchtitan checks each section on construction), and is frozen after. The resolved config
+is written into the run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,14 +25,48 @@ from typing import Any, Literal
 import yaml
 
 from scalejepa.io import atomic_write_text
+from scalejepa.preempt import parse_signals
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
-@dataclass
-class ModelConfig:
+class _Section:
+    """A config section: building one (directly, from YAML or by ``dataclasses.replace``)
+    checks every field against its type and choices, then the rules between its fields
+    (:meth:`_check`), so that a section that exists is valid. ``SECTION``: its key in
+    :class:`Config`, for messages."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        for key, tp in _field_types(type(self)).items():
+            value = getattr(self, key)
+            checked = _coerce(value, tp, f"{self.SECTION}.{key}")
+            if checked is not value:  # e.g. a YAML list made a tuple, an int made a float
+                object.__setattr__(self, key, checked)  # frozen: set once, here
+        self._check()
+
+    def _check(self) -> None:
+        """Rules between this section's fields."""
+
+    def _at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{self.SECTION}.{name}={getattr(self, name)} must be >= {minimum}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    SECTION = "model"
+
     # A named size, or custom: the shape given by width, depth, heads and mlp_ratio below.
     arch: Literal[
         "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant", "custom"
@@ -44,8 +82,8 @@ class ModelConfig:
     pred_dim: int = 384
     pred_heads: int = 0  # 0: as many heads as the encoder (the reference's choice)
     # How attention runs: PyTorch SDPA (dense, or padded to the longest sequence when
-    # lengths differ), this project's Triton varlen kernels (and fused gathers),
-    # FlexAttention with a document mask, SDPA on nested jagged tensors (packed),
+    # lengths differ), this project's Triton varlen kernel, FlexAttention with a document
+    # mask, SDPA on nested jagged tensors (packed),
     # torch.nn.attention.varlen (CUDA, torch >= 2.10), or eager softmax(QK^T)V as the
     # reference code (a baseline for benchmarks). The library paths are kept selectable so
     # that one measured within 3% of triton's speed (benchmarks/attention.py) can take
@@ -55,10 +93,61 @@ class ModelConfig:
     # (cuDNN builds a plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); flash
     # has no key mask (padded SDPA needs efficient, cudnn or math); on CPU: flash or math.
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    # How the packed inputs are gathered (the context encoder's kept tokens plus their
+    # position embeddings; the predictor's [context ; mask tokens] sequences): PyTorch
+    # index ops, or this project's fused Triton kernels. auto: triton with
+    # attn_impl=triton, else torch, which is what attn_impl alone chose before this key.
+    gather_impl: Literal["auto", "torch", "triton"] = "auto"
+
+    @property
+    def gathers(self) -> Literal["torch", "triton"]:
+        """The gather kernels that run: ``gather_impl`` with auto resolved."""
+        if self.gather_impl != "auto":
+            return self.gather_impl
+        return "triton" if self.attn_impl == "triton" else "torch"
+
+    def _check(self) -> None:
+        """model.arch=custom needs a shape that builds (width a multiple of heads, head
+        dimension a multiple of 8, an integer MLP width); named sizes take no shape keys."""
+        self._at_least(1, "image_size", "patch_size", "in_chans")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.image_size={self.image_size} must be a multiple of "
+                              f"model.patch_size={self.patch_size}")
+        shape = {"width": self.width, "depth": self.depth, "heads": self.heads}
+        if self.arch != "custom":
+            given = [k for k, v in shape.items() if v] + (["mlp_ratio"] if self.mlp_ratio != 4.0 else [])
+            if given:
+                raise ConfigError(
+                    f"model.{given[0]} applies to model.arch=custom only (model.arch={self.arch} has a fixed "
+                    f"shape): set model.arch=custom or drop model.{given[0]}"
+                )
+            return
+        missing = [k for k, v in shape.items() if v < 1]
+        if missing:
+            raise ConfigError(f"model.arch=custom needs model.{missing[0]} >= 1 (set model.width, model.depth, "
+                              "model.heads)")
+        if self.width % self.heads:
+            raise ConfigError(
+                f"model.width={self.width} is not divisible by model.heads={self.heads}: pick a width that is a "
+                f"multiple of the head count"
+            )
+        head_dim = self.width // self.heads
+        if head_dim % 8:
+            raise ConfigError(
+                f"head dimension model.width / model.heads = {self.width} / {self.heads} = {head_dim} must be a "
+                f"multiple of 8 (attention kernels): e.g. "
+                f"model.heads={max(1, self.width // (8 * max(1, round(head_dim / 8))))}"
+            )
+        hidden = self.width * self.mlp_ratio
+        if self.mlp_ratio <= 0 or abs(hidden - round(hidden)) > 1e-6:
+            raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} must be > 0 and give an integer MLP width "
+                              f"(width x mlp_ratio = {hidden})")
 
 
-@dataclass
-class MaskConfig:
+@dataclass(frozen=True)
+class MaskConfig(_Section):
+    SECTION = "mask"
+
     # reference: the reference code's collator, its quirks included (scalejepa.masks);
     # corrected: independent scale/aspect draws, inclusive offsets, sampled context position.
     mode: Literal["reference", "corrected"] = "reference"
@@ -72,9 +161,17 @@ class MaskConfig:
     min_keep: int = 10
     allow_overlap: bool = False
 
+    def _check(self) -> None:
+        for name in ("target_scale", "context_scale", "target_aspect"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"mask.{name}=({lo}, {hi}) must satisfy 0 < low <= high")
 
-@dataclass
-class DataConfig:
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    SECTION = "data"
+
     # Shard directory (with index.json), index.json path, brace URL or comma list.
     # Empty: shards of the built-in set `builtin`, built once into a cache.
     shards: str = ""
@@ -92,9 +189,14 @@ class DataConfig:
     # Random images made on the device instead of shards (benchmarks, smoke runs).
     synthetic: bool = False
 
+    def _check(self) -> None:
+        self._at_least(0, "num_workers")
 
-@dataclass
-class OptimConfig:
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    SECTION = "optim"
+
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
@@ -123,9 +225,16 @@ class OptimConfig:
     # runs of different lengths identical (branched WSD runs need that).
     warmup_steps: int = 0
 
+    def _check(self) -> None:
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        self._at_least(0, "warmup_steps")
 
-@dataclass
-class TrainConfig:
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    SECTION = "train"
+
     batch_size: int = 2048  # global, over all ranks and accumulation steps
     epochs: float = 300.0
     # Schedule length in optimizer steps; 0: epochs x steps per epoch.
@@ -145,9 +254,21 @@ class TrainConfig:
     # the process exits with scalejepa.preempt.PREEMPTED_EXIT_CODE. Comma list; "" for none.
     preempt_signals: str = "SIGTERM,SIGUSR1"
 
+    def _check(self) -> None:
+        self._at_least(1, "batch_size", "grad_accum", "log_every")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
+                              f"train.grad_accum={self.grad_accum}")
+        try:
+            parse_signals(self.preempt_signals)  # names checked here, before any work
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
-@dataclass
-class CheckpointConfig:
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    SECTION = "checkpoint"
+
     interval: int = 1000  # steps; 0: only at the end
     keep: int = 3
     async_save: bool = False
@@ -156,9 +277,14 @@ class CheckpointConfig:
     # directory, an export, a Hugging Face IJepaModel or timm directory (scalejepa.init_from).
     init_from: str = ""
 
+    def _check(self) -> None:
+        self._at_least(1, "keep")
 
-@dataclass
-class DistributedConfig:
+
+@dataclass(frozen=True)
+class DistributedConfig(_Section):
+    SECTION = "distributed"
+
     backend: Literal["none", "fsdp2", "deepspeed"] = "none"
     # FSDP2
     param_dtype: Literal["bf16", "fp32"] = "bf16"
@@ -176,24 +302,39 @@ class DistributedConfig:
     zero_stage: Literal[1, 2, 3] = 2
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    SECTION = "eval"
+
     knn_every: int = 0  # steps; 0: off
     knn_train_shards: str = ""
     knn_val_shards: str = ""
     knn_k: int = 20
 
+    def _check(self) -> None:
+        if self.knn_every and not (self.knn_train_shards and self.knn_val_shards):
+            raise ConfigError(
+                f"eval.knn_every={self.knn_every} needs eval.knn_train_shards and eval.knn_val_shards "
+                "(labeled shard sets, e.g. builtin:mnist5k:train and builtin:mnist5k:val)"
+            )
 
-@dataclass
-class ProfileConfig:
+
+@dataclass(frozen=True)
+class ProfileConfig(_Section):
+    SECTION = "profile"
+
     # A torch.profiler trace of `steps` optimizer steps from step `start` (0-based), one
     # per rank in RUN/profile/ (TensorBoard's profiler plugin and Perfetto read it).
     enabled: bool = False
     start: int = 2  # after the first steps' one-off costs (allocations, autotuning)
     steps: int = 3
 
+    def _check(self) -> None:
+        self._at_least(0, "start")
+        self._at_least(1, "steps")
 
-@dataclass
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -204,6 +345,12 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if not isinstance(section, f.default_factory):
+                raise TypeError(f"Config.{f.name} must be a {f.default_factory.__name__}, got {section!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -233,7 +380,7 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset + dotted overrides -> a validated :class:`Config`."""
+    """Preset + dotted overrides -> a :class:`Config` (valid: its sections check themselves)."""
     path = preset_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -375,46 +522,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def validate(config: Config) -> None:
-    """Cross-field checks that single values cannot express."""
-    m, t = config.model, config.train
-    check_model_shape(m)
-    o = config.optim
-    if not 0 < o.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
-    if o.warmup_steps < 0:
-        raise ConfigError("optim.warmup_steps must be >= 0")
-    if m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size={m.image_size} must be a multiple of model.patch_size={m.patch_size}")
-    for name in ("batch_size", "grad_accum", "log_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    for name in ("target_scale", "context_scale", "target_aspect"):
-        lo, hi = getattr(config.mask, name)
-        if not 0 < lo <= hi:
-            raise ConfigError(f"mask.{name}=({lo}, {hi}) must satisfy 0 < low <= high")
-    if config.checkpoint.keep < 1:
-        raise ConfigError("checkpoint.keep must be >= 1")
-    if config.data.num_workers < 0:
-        raise ConfigError("data.num_workers must be >= 0")
-    if config.profile.start < 0 or config.profile.steps < 1:
-        raise ConfigError("profile.start must be >= 0 and profile.steps >= 1")
-    from scalejepa.preempt import parse_signals  # names checked here, before any work
-
-    try:
-        parse_signals(t.preempt_signals)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    e = config.eval
-    if e.knn_every and not (e.knn_train_shards and e.knn_val_shards):
-        raise ConfigError(
-            f"eval.knn_every={e.knn_every} needs eval.knn_train_shards and eval.knn_val_shards "
-            "(labeled shard sets, e.g. builtin:mnist5k:train and builtin:mnist5k:val)"
-        )
-
-
 def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
     """Per-rank batch; the global batch must split evenly over ranks and micro-batches."""
     if global_batch % (world_size * grad_accum):
@@ -423,36 +530,3 @@ def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
             f"{world_size} x {grad_accum}: pick a batch size that is a multiple of {world_size * grad_accum}"
         )
     return global_batch // world_size
-
-
-def check_model_shape(model: ModelConfig) -> None:
-    """model.arch=custom needs a shape that builds (width a multiple of heads, head
-    dimension a multiple of 8, an integer MLP width); named sizes take no shape keys."""
-    shape = {"width": model.width, "depth": model.depth, "heads": model.heads}
-    if model.arch != "custom":
-        given = [k for k, v in shape.items() if v] + (["mlp_ratio"] if model.mlp_ratio != 4.0 else [])
-        if given:
-            raise ConfigError(
-                f"model.{given[0]} applies to model.arch=custom only (model.arch={model.arch} has a fixed shape): "
-                f"set model.arch=custom or drop model.{given[0]}"
-            )
-        return
-    missing = [k for k, v in shape.items() if v < 1]
-    if missing:
-        raise ConfigError(f"model.arch=custom needs model.{missing[0]} >= 1 (set model.width, model.depth, model.heads)")
-    if model.width % model.heads:
-        raise ConfigError(
-            f"model.width={model.width} is not divisible by model.heads={model.heads}: pick a width that is a "
-            f"multiple of the head count"
-        )
-    head_dim = model.width // model.heads
-    if head_dim % 8:
-        raise ConfigError(
-            f"head dimension model.width / model.heads = {model.width} / {model.heads} = {head_dim} must be a multiple "
-            f"of 8 (attention kernels): e.g. model.heads={max(1, model.width // (8 * max(1, round(head_dim / 8))))}"
-        )
-    hidden = model.width * model.mlp_ratio
-    if model.mlp_ratio <= 0 or abs(hidden - round(hidden)) > 1e-6:
-        raise ConfigError(
-            f"model.mlp_ratio={model.mlp_ratio} must be > 0 and give an integer MLP width (width x mlp_ratio = {hidden})"
-        )

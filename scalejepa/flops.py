@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from scalejepa.config import Config, ModelConfig
+from scalejepa.masks import MaskGenerator, mask_rng
+from scalejepa.models.vit import model_size
 
 # The paper's budget (Assran et al., CVPR 2023): ViT-H/14, 300 epochs of ImageNet-1k on
 # 16 A100s in under 72 hours.
@@ -87,8 +89,6 @@ class _Dims:
 
 
 def _dims(model: ModelConfig) -> _Dims:
-    from scalejepa.models.vit import model_size
-
     size = model_size(model)
     grid = model.image_size // model.patch_size
     return _Dims(
@@ -220,10 +220,7 @@ def mask_stats(config: Config, batch_size: int, batches: int = 8, seed: int = 0)
     """Expected token counts at a per-GPU batch size, by drawing ``batches`` mask batches
     (truncation to the batch minimum depends on the batch size: the smallest context of more
     images is smaller)."""
-    from scalejepa.masks import MaskGenerator, mask_rng
-
-    grid = config.model.image_size // config.model.patch_size
-    generator = MaskGenerator(grid, config.mask)
+    generator = _mask_generator(config)
     ctx = sampled = tgt = 0
     for i in range(batches):
         m = generator(batch_size, mask_rng(seed, 0, 0, i))
@@ -235,13 +232,14 @@ def mask_stats(config: Config, batch_size: int, batches: int = 8, seed: int = 0)
     return MaskStats(batch_size, batches, ctx / images, sampled / images, tgt / (images * num_targets), num_targets)
 
 
+def _mask_generator(config: Config) -> MaskGenerator:
+    return MaskGenerator(config.model.image_size // config.model.patch_size, config.mask)
+
+
 def expected_flops_per_image(config: Config, batch_size: int, batches: int = 8, seed: int = 0) -> float:
     """Model FLOPs per image of one step at a per-GPU batch size, averaged over sampled
     mask batches (exact per batch, including the attention's length variance)."""
-    from scalejepa.masks import MaskGenerator, mask_rng
-
-    grid = config.model.image_size // config.model.patch_size
-    generator = MaskGenerator(grid, config.mask)
+    generator = _mask_generator(config)
     total = sum(batch_flops(config, generator(batch_size, mask_rng(seed, 0, 0, i))).total for i in range(batches))
     return total / (batch_size * batches)
 

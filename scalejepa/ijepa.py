@@ -48,7 +48,7 @@ def compute_targets(target_encoder: VisionTransformer, images: torch.Tensor, mas
 
 def build_encoder(config: ModelConfig) -> VisionTransformer:
     return VisionTransformer(config.arch, config.image_size, config.patch_size, config.in_chans, config.attn_impl,
-                             size=model_size(config), sdpa_backend=config.sdpa_backend)
+                             size=model_size(config), sdpa_backend=config.sdpa_backend, gather_impl=config.gathers)
 
 
 def build_models(config: ModelConfig, loss: str = "smooth_l1") -> tuple[IJEPA, VisionTransformer]:
@@ -62,6 +62,7 @@ def build_models(config: ModelConfig, loss: str = "smooth_l1") -> tuple[IJEPA, V
         num_heads=config.pred_heads or encoder.num_heads,
         attn_impl=config.attn_impl,
         sdpa_backend=config.sdpa_backend,
+        gather_impl=config.gathers,
     )
     target = copy.deepcopy(encoder)
     target.requires_grad_(False)

@@ -302,7 +302,7 @@ def _from_step_dir(step_dir: Path) -> InitWeights:
 def _deepspeed_trained_state(step_dir: Path) -> dict[str, torch.Tensor]:
     """The trained I-JEPA module of a DeepSpeed checkpoint, as fp32 full tensors
     (DeepSpeed's own ``zero_to_fp32``, any ZeRO stage, no process group)."""
-    try:
+    try:  # optional (the [deepspeed] extra): imported where used
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as exc:
         raise WeightsError(f"--init-from {step_dir} is a DeepSpeed checkpoint, which needs DeepSpeed to read: "

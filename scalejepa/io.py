@@ -68,7 +68,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    import torch
+    import torch  # here: ~2 s to import, and config and the shard writers use this module without it
 
     return atomic_write(path, lambda f: torch.save(obj, f))
 

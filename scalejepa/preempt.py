@@ -39,7 +39,7 @@ PREEMPTED_EXIT_CODE = 75
 
 def parse_signals(names: str) -> list[signal.Signals]:
     """``"SIGTERM,SIGUSR1"`` -> signals; a ValueError names an unknown or unusable one
-    (``scalejepa.config.validate`` reports it as a config error before any work)."""
+    (``scalejepa.config.TrainConfig`` reports it as a config error when built, before any work)."""
     found = []
     for name in filter(None, (n.strip().upper() for n in names.split(","))):
         full = name if name.startswith("SIG") else f"SIG{name}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,11 +38,31 @@ class StepSchedule:
     ema_momentum: float
 
 
+@dataclass(frozen=True)
+class BatchCounts:
+    """What this rank trained on (host integers, no device sync): the metrics' accounting.
+    The counts are kept instead of the batches, whose device images would otherwise stay
+    alive through the next step's forward and backward."""
+
+    images: int = 0
+    context_tokens: int = 0
+    target_tokens: int = 0
+
+    @classmethod
+    def of(cls, masks) -> "BatchCounts":
+        """The counts of one micro-batch's :class:`scalejepa.masks.MaskBatch`."""
+        return cls(masks.batch_size, masks.context_tokens, masks.target_tokens)
+
+    def __add__(self, other: "BatchCounts") -> "BatchCounts":
+        return BatchCounts(self.images + other.images, self.context_tokens + other.context_tokens,
+                           self.target_tokens + other.target_tokens)
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # the global batch's mean loss, on the device, the same on every rank
     grad_norm: torch.Tensor | None
-    batches: list[Any] = field(default_factory=list)  # this step's micro-batches (for accounting)
+    counts: BatchCounts = BatchCounts()  # this rank's images and tokens over the step's micro-batches
     data_wait_s: float = 0.0  # host time spent waiting for micro-batches
     stop: bool = False  # some rank asked to stop (preemption): every rank sees the same value
 
@@ -60,7 +80,7 @@ def train_step(engine: Engine, next_batch: Callable[[], Any], schedule: StepSche
     ``stop_requested()``: this rank's wish to stop after this step (read once, after the
     micro-batches); the result's ``stop`` is True on every rank if any rank asked.
     Raises :class:`NonFiniteLossError` before the optimizer step on a NaN/inf loss."""
-    loss, batches, data_wait = accumulate_gradients(engine, next_batch, grad_accum, keep_targets)
+    loss, counts, data_wait = accumulate_gradients(engine, next_batch, grad_accum, keep_targets)
     wants_stop = float(stop_requested is not None and stop_requested())
     # Every rank sees the same values, so every rank stops alike.
     reduced = all_reduce_mean(torch.stack([loss, torch.tensor(wants_stop, device=loss.device)]))
@@ -75,16 +95,16 @@ def train_step(engine: Engine, next_batch: Callable[[], Any], schedule: StepSche
     if before_update is not None:
         before_update()
     grad_norm = apply_update(engine, schedule)
-    return StepResult(loss, grad_norm, batches, data_wait, stop=stop > 0)
+    return StepResult(loss, grad_norm, counts, data_wait, stop=stop > 0)
 
 
 def accumulate_gradients(engine: Engine, next_batch: Callable[[], Any], grad_accum: int = 1,
-                         keep_targets: bool = False) -> tuple[torch.Tensor, list[Any], float]:
-    """Forward + backward of ``grad_accum`` micro-batches: (mean loss on the device, the
-    micro-batches, host seconds spent waiting for them). ``scalejepa.plan`` traces this
-    and :func:`apply_update`, the step without its host sync."""
+                         keep_targets: bool = False) -> tuple[torch.Tensor, BatchCounts, float]:
+    """Forward + backward of ``grad_accum`` micro-batches: (mean loss on the device, their
+    :class:`BatchCounts`, host seconds spent waiting for them). ``scalejepa.plan`` traces
+    this and :func:`apply_update`, the step without its host sync."""
     loss = torch.zeros((), device=engine.device)
-    batches, data_wait = [], 0.0
+    counts, data_wait = BatchCounts(), 0.0
     for micro in range(grad_accum):
         tick = time.perf_counter()
         with torch.profiler.record_function(PHASE_DATA):
@@ -92,8 +112,8 @@ def accumulate_gradients(engine: Engine, next_batch: Callable[[], Any], grad_acc
         data_wait += time.perf_counter() - tick
         keep = keep_targets and micro == grad_accum - 1
         loss += engine.forward_backward(batch.images, batch.masks, 1.0 / grad_accum, keep_targets=keep) / grad_accum
-        batches.append(batch)
-    return loss, batches, data_wait
+        counts += BatchCounts.of(batch.masks)
+    return loss, counts, data_wait
 
 
 def apply_update(engine: Engine, schedule: StepSchedule) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -43,18 +44,18 @@ from scalejepa.config import (
     load_config,
     preset_names,
     save_config,
-    validate,
 )
+from scalejepa.data import cache
 from scalejepa.data.pipeline import ShardDataError, SyntheticLoader, TrainLoader
 from scalejepa.data.shard_index import ShardIndexError
 from scalejepa.dist_env import DistEnv, barrier, init_distributed, shutdown_distributed
-from scalejepa.eval.monitors import collapse_metrics
+from scalejepa.eval.knn import KnnEvaluator
 from scalejepa.eval.spec import EncoderSpec, EncoderWeights, WeightsError
 from scalejepa.export import write_export
 from scalejepa.init_from import init_for_run, write_record
 from scalejepa.layout import RunDir, step_of
 from scalejepa.masks import MaskGenerator
-from scalejepa.metrics import MetricsProcessor, progress_line
+from scalejepa.metrics import MetricsProcessor, knn_scalars, progress_line
 from scalejepa.parallel import autocast_dtype, build_engine
 from scalejepa.preempt import PREEMPTED_EXIT_CODE, PreemptionFlag, parse_signals, restarted_after_preemption, write_marker
 from scalejepa.run_lock import RunLock, RunLockedError
@@ -86,11 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        if args.init_from:
-            config.checkpoint.init_from = args.init_from
-        if config.checkpoint.init_from:  # an absolute path: the run's record of where its weights came from
-            config.checkpoint.init_from = str(Path(config.checkpoint.init_from).expanduser().absolute())
-        validate(config)
+        init_from = args.init_from or config.checkpoint.init_from
+        if init_from:  # an absolute path: the run's record of where its weights came from
+            config = dataclasses.replace(config, checkpoint=dataclasses.replace(
+                config.checkpoint, init_from=str(Path(init_from).expanduser().absolute())))
     except ConfigError as exc:
         print(f"scalejepa-train: config error: {exc}", file=sys.stderr)
         return 2
@@ -193,7 +193,8 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
 
     # ---------------------------------------------------------------- loop
     metrics = MetricsProcessor(config, run, device=env.device, world_size=env.world_size, is_main=env.is_main,
-                               images_per_epoch=num_samples, resume_step=start_step if resume_from else None)
+                               images_per_epoch=num_samples, steps_per_epoch=steps_per_epoch, data=loader,
+                               resume_step=start_step if resume_from else None)
     if env.is_main:
         log.info(
             "training %s for %d steps (%d per epoch, %d warm-up) from step %d, global batch %d = %d ranks x %d x %d accum",
@@ -205,7 +206,7 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
     profiler = build_profiler(config, run, env, start_step, stop_step)
     if knn is not None and start_step == 0 and stop_step >= config.eval.knn_every:
         # the random-init value that the later kNN points are read against
-        metrics.write(0, knn_record(knn, engine, config, env), {"epoch": 0.0})
+        metrics.write(0, knn_scalars(knn_scores(knn, engine, config, env)))
     first_loss = last_loss = None
     preempted = False
     for step in range(start_step, stop_step):
@@ -223,18 +224,12 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
         preempted = result.stop and done < stop_step
 
         if log_step or preempted:  # a preempted run logs its last steps before it stops
-            record = metrics.scalars(done, schedule)
-            record["data/corrupt_samples"] = loader.corrupt_total
-            record["data/shard_errors"] = loader.shard_errors_total
-            if result.grad_norm is not None:
-                record["train/grad_norm"] = float(result.grad_norm)
-            if env.is_main:
-                record.update(collapse_record(engine.last_targets))
-            if knn_step:  # every rank: a sharded encoder's forward is collective
-                record.update(knn_record(knn, engine, config, env))
+            # kNN on every rank: a sharded encoder's forward is collective
+            scores = knn_scores(knn, engine, config, env) if knn_step else None
+            record = metrics.log_and_reset(done, schedule, targets=engine.last_targets if env.is_main else None,
+                                           knn_scores=scores)
             first_loss = record["train/loss"] if first_loss is None else first_loss
             last_loss = record["train/loss"]
-            metrics.write(done, record, {"epoch": done / steps_per_epoch})
             if env.is_main:
                 log.info(progress_line(done, total_steps, record, (stop_step - done) * record["perf/step_time_s"]))
         if preempted or done == stop_step or (config.checkpoint.interval and done % config.checkpoint.interval == 0):
@@ -268,8 +263,6 @@ def _train(config: Config, run: RunDir, resume: str, env: DistEnv, preempt: Pree
 
 def resolve_data(config: Config, env: DistEnv) -> tuple[list[str], int]:
     """(shard URLs, images per epoch)."""
-    from scalejepa.data import cache
-
     data = config.data
     if data.synthetic:
         return [], data.num_samples or 1_281_167
@@ -324,30 +317,18 @@ def find_resume_checkpoint(checkpointer: Checkpointer, resume: str) -> Path | No
     return path
 
 
-def build_knn_evaluator(config: Config):
+def build_knn_evaluator(config: Config) -> KnnEvaluator | None:
     """Periodic kNN of the target encoder on a small labeled shard set (eval.knn_every)."""
     e = config.eval
     if not e.knn_every:
         return None
-    from scalejepa.eval.knn import KnnEvaluator
-
     return KnnEvaluator(e.knn_train_shards, e.knn_val_shards, config.model.image_size, k=e.knn_k,
                         mean=config.data.mean, std=config.data.std)
 
 
-def knn_record(knn, engine, config: Config, env: DistEnv) -> dict[str, float]:
+def knn_scores(knn: KnnEvaluator, engine, config: Config, env: DistEnv) -> dict[str, float]:
     """kNN top-1/top-5 of the target encoder and its validation tokens' position share."""
-    scores = knn(engine.eval_encoder, env.device, autocast_dtype(config, env.device))
-    return {"eval/knn_top1": scores["knn_top1"], "eval/knn_top5": scores["knn_top5"],
-            "eval/position_share": scores["position_share"]}
-
-
-def collapse_record(targets: torch.Tensor | None) -> dict[str, float]:
-    """Collapse monitors on the last batch's targets (rows: target patches)."""
-    if targets is None or targets.shape[0] < 2:
-        return {}
-    values = collapse_metrics(targets)
-    return {"monitor/feature_std": values["feature_std"], "monitor/rankme": values["rankme"]}
+    return knn(engine.eval_encoder, env.device, autocast_dtype(config, env.device))
 
 
 def restore(checkpointer: Checkpointer, path: Path, engine, train_state: TrainState, env: DistEnv) -> None:

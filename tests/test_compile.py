@@ -42,9 +42,15 @@ def train(context: str, compile: bool) -> tuple[list[float], list[int], set]:
     loader = SyntheticLoader(batch_size=4, image_size=32, mask_generator=MaskGenerator(8, config.mask), seed=0)
     schedule = StepSchedule(lr=1e-3, weight_decay=0.04, ema_momentum=0.996)
     losses, graphs, lengths = [], [], set()
+    batches = []
+
+    def next_batch():
+        batches.append(next(loader))
+        return batches[-1]
+
     for step in range(STEPS):
-        result = train_step(engine, lambda: next(loader), schedule, step=step)
-        seqs = result.batches[0].masks.context.seqs
+        result = train_step(engine, next_batch, schedule, step=step)
+        seqs = batches[-1].masks.context.seqs
         lengths.add(tuple(torch.diff(seqs.cu_seqlens).tolist()))
         losses.append(float(result.loss))
         graphs.append(counters["stats"]["unique_graphs"])

@@ -1,10 +1,12 @@
+import dataclasses
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
 
-from scalejepa.config import Config, ConfigError, load_config, preset_names, save_config, validate
+from scalejepa.config import Config, ConfigError, ModelConfig, TrainConfig, load_config, preset_names, save_config
 
 PRESETS = ["debug_cpu", "small_cpu", "vit_b16_in1k", "vit_l16_in1k", "vit_h14_in1k_ep300",
            "vit_h16_448_in1k_ep300", "vit_g16_in22k_ep44"]
@@ -13,8 +15,7 @@ PRESETS = ["debug_cpu", "small_cpu", "vit_b16_in1k", "vit_l16_in1k", "vit_h14_in
 def test_all_presets_ship_and_validate():
     assert set(PRESETS) <= set(preset_names())
     for name in PRESETS:
-        config = load_config(name)
-        validate(config)
+        assert isinstance(load_config(name), Config)  # loading is validating
 
 
 def test_presets_follow_the_reference_recipes():
@@ -74,9 +75,45 @@ def test_unknown_preset_lists_presets():
 
 
 def test_cross_field_validation():
-    config = load_config("debug_cpu", ["model.image_size=30"])
     with pytest.raises(ConfigError, match="multiple of model.patch_size"):
-        validate(config)
+        load_config("debug_cpu", ["model.image_size=30"])
+
+
+def test_a_config_that_exists_is_valid():
+    """Every way of building a section checks it (loading, the constructor,
+    dataclasses.replace as the planner uses it), and a built config cannot change."""
+    config = load_config("debug_cpu")
+    with pytest.raises(ConfigError, match="train.batch_size=64 is not divisible by train.grad_accum=3"):
+        dataclasses.replace(config.train, grad_accum=3)
+    with pytest.raises(ConfigError, match="model.attn_impl='xformers' is not allowed"):
+        dataclasses.replace(config.model, attn_impl="xformers")
+    with pytest.raises(ConfigError, match="model.arch=custom needs model.width >= 1"):
+        ModelConfig(arch="custom")
+    with pytest.raises(ConfigError, match="train.preempt_signals: 'SIGNOPE'"):
+        TrainConfig(preempt_signals="SIGNOPE")
+    with pytest.raises(TypeError, match="Config.train must be a TrainConfig"):
+        Config(train={"batch_size": 8})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.batch_size = 3
+    fine = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=96, grad_accum=3, epochs=2))
+    assert fine.train.grad_accum == 3 and isinstance(fine.train.epochs, float)  # types coerced as from YAML
+    assert fine.model is config.model
+
+
+def test_every_named_arch_has_a_size():
+    from scalejepa.models.vit import VIT_SIZES
+
+    archs = typing.get_args(typing.get_type_hints(ModelConfig)["arch"])
+    assert set(archs) == {*VIT_SIZES, "custom"}
+
+
+@pytest.mark.parametrize("attn_impl, gather_impl, gathers", [
+    ("sdpa", "auto", "torch"), ("triton", "auto", "triton"),  # auto: what attn_impl alone chose before
+    ("triton", "torch", "torch"), ("sdpa", "triton", "triton"),
+])
+def test_gather_kernels_are_their_own_choice(attn_impl, gather_impl, gathers):
+    model = load_config("debug_cpu", [f"model.attn_impl={attn_impl}", f"model.gather_impl={gather_impl}"]).model
+    assert model.gathers == gathers
 
 
 def test_resolved_config_round_trips(tmp_path):

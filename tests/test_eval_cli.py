@@ -84,6 +84,17 @@ def test_random_init_from_a_preset_and_seeded_baseline(shards, capsys):
     assert result["random_init"] and result["weights"] is None and result["k"] == 5
 
 
+def test_random_init_linear_probe_of_a_custom_shape_preset(shards, capsys):
+    """small_cpu (model.arch=custom, width 96): the demo's own preset, evaluated untrained."""
+    code, stdout, err = run_eval(capsys, "linear", "--random-init", "--config", "small_cpu", "--epochs", "2",
+                                 "--lrs", "0.1", "--train-shards", shards[0], "--val-shards", shards[1],
+                                 "--num-workers", "0")
+    assert code == 0, err
+    result = last_json(stdout)
+    assert result["random_init"] and result["arch"] == "custom" and result["feature_dim"] == 96
+    assert result["val_samples"] == 100 and 0 <= result["top1"] <= 100
+
+
 def test_run_directory_checkpoint_step_and_export_agree(run_dir):
     newest = load_weights(run_dir)
     step10 = load_weights(run_dir / "checkpoints" / "step_00000010")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from scalejepa.config import load_config
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
 
 
@@ -24,7 +26,8 @@ def test_help(capsys):
 
 
 def test_smoke_writes_json(tmp_path):
-    json_path = load_script().main(["--smoke", "--out-dir", str(tmp_path)])
+    script = load_script()
+    json_path = script.main(["--smoke", "--out-dir", str(tmp_path)])
     data = json.loads(Path(json_path).read_text())
     env = data["env"]
     assert env["device"] and env["torch"] and env["triton"] and env["date"] and env["timestamp_utc"]
@@ -45,9 +48,10 @@ def test_smoke_writes_json(tmp_path):
                        "flex_document"):
             r = case["results"][method]
             assert "fwdbwd_ms" in r or r.get("error") or r.get("error_bwd"), (case["name"], method)
-        library = case["library_within_3pct"]
-        assert library["margin"] == 1.03 and library["ratios"]["sdpa_padded"]["fwdbwd_vs_triton"] > 0
-        assert set(library["within"]) <= set(library["ratios"])
+        assert case["library_within_3pct"]["ratios"]["sdpa_padded"]["fwdbwd_vs_triton"] > 0
+    # The settings that library_within_3pct names for each path are ones a config accepts.
+    for setting in script.LIBRARY_PATHS.values():
+        load_config("debug_cpu", setting.split())
     assert "triton_vs_sdpa_padded_fwdbwd" in data["cases"][0]
     assert {g["name"] for g in data["gathers"]} == {"gather_tokens", "build_predictor_input"}
     for gather in data["gathers"]:

@@ -121,9 +121,10 @@ def test_targets_are_layer_normed_target_features():
     assert torch.allclose(targets, expected, atol=1e-5)
 
 
-def _loss_and_grads(impl, context, state=None):
+def _loss_and_grads(impl, context, state=None, gather_impl="auto"):
     torch.manual_seed(0)
-    config = ModelConfig(arch="vit_micro", image_size=32, patch_size=4, pred_depth=1, pred_dim=64, attn_impl=impl)
+    config = ModelConfig(arch="vit_micro", image_size=32, patch_size=4, pred_depth=1, pred_dim=64, attn_impl=impl,
+                         gather_impl=gather_impl)
     model, target = build_models(config)
     if state is not None:
         model.load_state_dict(state[0])
@@ -155,6 +156,32 @@ def test_a_training_step_with_triton_equals_sdpa():
     assert torch.allclose(results["sdpa"][0], results["triton"][0], atol=1e-5)
     for name, value in results["sdpa"][1].items():
         assert torch.allclose(value, results["triton"][1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("attn_impl, gather_impl", [("sdpa", "triton"), ("triton", "torch")])
+def test_gather_kernels_and_attention_are_chosen_apart(attn_impl, gather_impl):
+    """Triton gathers under SDPA attention, and Triton attention on PyTorch gathers, train
+    as the all-PyTorch path does (loss and gradients)."""
+    model, target, loss = _loss_and_grads("sdpa", "pack", gather_impl="torch")
+    loss.backward()
+    state = (model.state_dict(), target.state_dict())
+    other, _, other_loss = _loss_and_grads(attn_impl, "pack", state, gather_impl=gather_impl)
+    other_loss.backward()
+    assert (other.encoder.gather_impl, other.predictor.gather_impl) == (gather_impl, gather_impl)
+    assert other.encoder.blocks[0].attn.attn_impl == attn_impl
+    assert torch.allclose(other_loss, loss, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_triton_gathers_on_cpu_need_the_interpreter(monkeypatch):
+    from scalejepa.config import ConfigError, load_config
+    from scalejepa.parallel.build import check_device_support
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="model.gather_impl=triton on CPU needs the Triton interpreter"):
+        check_device_support(load_config("debug_cpu", ["model.gather_impl=triton"]), torch.device("cpu"))
+    check_device_support(load_config("debug_cpu", ["model.gather_impl=torch"]), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -34,7 +34,7 @@ def sample_name(sample: dict) -> str:
 
 def read_tar(url: str) -> Iterator[dict]:
     """The samples of one tar, in order. Read errors (``SHARD_READ_ERRORS``) propagate."""
-    import webdataset as wds
+    import webdataset as wds  # here: not in the GPU image, which trains on synthetic data without it
 
     yield from wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}]))
 

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import torch
 
+from scalejepa.config import load_config
+from scalejepa.data.cache import resolve_shards
+from scalejepa.data.shard_index import ShardIndexError
+from scalejepa.dist_env import barrier, init_distributed, shutdown_distributed
 from scalejepa.eval import knn as knn_mod
 from scalejepa.eval import linear as linear_mod
 from scalejepa.eval.features import EvalDataError, Features, extract_features
@@ -103,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check_args(args)
     if problem:
         parser.error(problem)
-    from scalejepa.data.shard_index import ShardIndexError
-    from scalejepa.dist_env import barrier, init_distributed, shutdown_distributed
-
     try:
         env = init_distributed(args.device)
     except RuntimeError as exc:  # e.g. --device cuda without a GPU
@@ -152,11 +153,8 @@ def candidates(args: argparse.Namespace, device: torch.device) -> list[Candidate
         spec, seed = weights.spec, weights.seed if args.seed is None else args.seed
         base = {"weights": weights.source, "step": weights.step}
     else:
-        from scalejepa.config import load_config
-
         config = load_config(args.config)
-        m = config.model
-        spec = EncoderSpec(m.arch, m.image_size, m.patch_size, m.in_chans, config.data.mean, config.data.std)
+        spec = EncoderSpec.from_config(config)
         seed = config.train.seed if args.seed is None else args.seed
         base = {"weights": None, "step": None}
     out = []
@@ -170,8 +168,6 @@ def candidates(args: argparse.Namespace, device: torch.device) -> list[Candidate
 
 
 def evaluate(args: argparse.Namespace, env) -> dict:
-    from scalejepa.data.cache import resolve_shards
-
     train_urls, train_index = resolve_shards(args.train_shards)
     val_urls, val_index = resolve_shards(args.val_shards)
     precision = args.precision if args.precision != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")

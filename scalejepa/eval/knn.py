@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalejepa.data.cache import resolve_shards
 from scalejepa.eval.features import dist_info, load_images, normalize
 from scalejepa.eval.monitors import position_moments, position_share_from_moments
 
@@ -94,8 +95,6 @@ class KnnEvaluator:
     def data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(train images, train labels, val images, val labels), decoded on first use."""
         if self._data is None:
-            from scalejepa.data.cache import resolve_shards
-
             loaded = []
             for what, spec in (("train", self.train_shards), ("val", self.val_shards)):
                 if not spec:

@@ -11,6 +11,7 @@ mapping is: strip the wrapper prefixes, check the names, load.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from scalejepa.eval.spec import EncoderSpec, EncoderWeights, WeightsError, check_fits, infer_spec, strip_wrappers
+from scalejepa.ijepa import build_models
 
 REFERENCE_ENTRIES = ("encoder", "predictor", "target_encoder")
 _PRED_BLOCK_KEY = re.compile(r"^predictor_blocks\.(\d+)\.")
@@ -61,8 +63,6 @@ def load_reference_checkpoint(checkpoint: Mapping[str, Any] | str, *, pred_heads
     its shapes; its head count cannot, so it defaults to the encoder's (the reference's
     choice) unless ``pred_heads`` is given.
     """
-    from scalejepa.ijepa import build_models
-
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     spec = reference_spec(checkpoint)
@@ -71,8 +71,7 @@ def load_reference_checkpoint(checkpoint: Mapping[str, Any] | str, *, pred_heads
         raise WeightsError("the reference predictor has no 'predictor_embed.weight': not an I-JEPA predictor")
     pred_dim = predictor["predictor_embed.weight"].shape[0]
     pred_depth = len({int(m.group(1)) for k in predictor if (m := _PRED_BLOCK_KEY.match(k))})
-    config = spec.model_config()
-    config.pred_dim, config.pred_depth, config.pred_heads = pred_dim, pred_depth, pred_heads
+    config = dataclasses.replace(spec.model_config(), pred_dim=pred_dim, pred_depth=pred_depth, pred_heads=pred_heads)
     model, target = build_models(config)
     _load(model.encoder, reference_entry(checkpoint, "encoder"), "encoder", strict)
     _load(model.predictor, predictor, "predictor", strict)

@@ -157,6 +157,7 @@ def read_dcp_entries(step_dir: Path, heads: tuple[str, ...]) -> dict[str, dict[s
     """The tensors of a DCP checkpoint under each flattened key prefix of ``heads``
     (``model.encoder.``, ``target.``), prefix removed, read in this process alone (no
     process group needed): only these tensors are read, not the optimizer state."""
+    # Here, not at the top: ~1 s to import, and only run checkpoints need it (hub loads, exports do not).
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

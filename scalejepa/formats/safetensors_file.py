@@ -19,7 +19,7 @@ METADATA_KEY = "scalejepa"
 
 
 def _safetensors_torch():
-    try:
+    try:  # optional (the [hub] extra): imported where used
         import safetensors.torch
     except ImportError as exc:
         raise WeightsError(f"safetensors files need the safetensors package: pip install 'scalejepa[hub]' ({exc})") \
@@ -46,7 +46,7 @@ def is_safetensors_file(path: str | Path) -> bool:
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(tensors, our sidecar or None)."""
-    _safetensors_torch()
+    _safetensors_torch()  # the optional package, or a clear error
     from safetensors import safe_open
 
     try:

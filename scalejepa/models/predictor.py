@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scalejepa import kernels
+
 from .init import init_vit_weights
 from .layers import Block, prepare_layout, sincos_pos_embed_2d
+from .vit import GATHER_IMPLS
 
 
 class Predictor(nn.Module):
@@ -26,13 +29,20 @@ class Predictor(nn.Module):
         mlp_ratio: float = 4.0,
         attn_impl: str = "sdpa",
         sdpa_backend: str = "auto",
+        gather_impl: str = "torch",
     ):
+        """``attn_impl``, ``sdpa_backend``: how attention runs; ``gather_impl``: how the
+        packed [context ; mask tokens] input is built (PyTorch index ops or the fused
+        Triton kernel)."""
         super().__init__()
         self.grid_size = int(round(num_patches**0.5))
         if self.grid_size**2 != num_patches:
             raise ValueError(f"the predictor needs a square patch grid, got {num_patches} patches")
         self.pred_dim = pred_dim
         self.attn_impl = attn_impl
+        if gather_impl not in GATHER_IMPLS:
+            raise ValueError(f"unknown gather implementation {gather_impl!r}; choose one of {', '.join(GATHER_IMPLS)}")
+        self.gather_impl = gather_impl
         self.predictor_embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
         self.register_buffer("predictor_pos_embed", torch.zeros(1, num_patches, pred_dim))
@@ -52,8 +62,6 @@ class Predictor(nn.Module):
     def forward(self, context: torch.Tensor, masks) -> torch.Tensor:
         """context: packed context-encoder output (T_ctx, D) in ``masks.context`` layout.
         Returns predictions (T_tgt, D), row-aligned with ``masks.target_index``."""
-        from scalejepa import kernels
-
         x = self.predictor_embed(context)
         # The promoted dtype: under bf16 autocast the residual stream is fp32, as in the
         # reference (its fp32 mask tokens promote the concatenation) and the encoders.
@@ -63,7 +71,7 @@ class Predictor(nn.Module):
                 masks.target_seqs.cu_seqlens, self.mask_token.view(-1).to(dtype), self.predictor_pos_embed[0].to(dtype))
         # The packed layout (offsets, longest sequence) is known on the host from the
         # collator, masks.predictor_seqs; the builders return the same offsets.
-        if self.attn_impl == "triton":
+        if self.gather_impl == "triton":
             x, _ = kernels.build_predictor_input(*args, validate=False)
         else:
             x, _ = kernels.build_predictor_input_reference(*args)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalejepa.config import ModelConfig, check_model_shape
+from scalejepa import kernels
+from scalejepa.config import ModelConfig
 
 from .init import init_vit_weights
 from .layers import Block, PatchEmbed, Seqs, prepare_layout, sincos_pos_embed_2d
@@ -36,16 +37,14 @@ VIT_SIZES: dict[str, VitSize] = {
     "vit_huge": VitSize(1280, 32, 16, 5120),
     "vit_giant": VitSize(1408, 40, 16, 6144),  # MLP ratio 48/11, as the reference's "giant"
 }
+GATHER_IMPLS = ("torch", "triton")
 
 
 def model_size(config: ModelConfig) -> VitSize:
     """The encoder shape of a model config: a named size, or model.arch=custom's shape
-    (checked: width divisible by heads, head dimension a multiple of 8)."""
+    (which the config checked when it was built)."""
     if config.arch != "custom":
-        if config.arch not in VIT_SIZES:
-            raise ValueError(f"unknown architecture {config.arch!r}; choose one of {', '.join(VIT_SIZES)} or custom")
         return VIT_SIZES[config.arch]
-    check_model_shape(config)
     return VitSize(config.width, config.depth, config.heads, round(config.width * config.mlp_ratio))
 
 
@@ -67,9 +66,11 @@ class VisionTransformer(nn.Module):
         attn_impl: str = "sdpa",
         size: VitSize | None = None,
         sdpa_backend: str = "auto",
+        gather_impl: str = "torch",
     ):
         """``size``: the shape of a custom architecture (``model_size``); default: the named size ``arch``.
-        ``attn_impl``, ``sdpa_backend``: how attention runs (``layers.attention.attend``)."""
+        ``attn_impl``, ``sdpa_backend``: how attention runs (``layers.attention.attend``);
+        ``gather_impl``: how the kept tokens are gathered (``gather_with_pos``)."""
         super().__init__()
         if size is None:
             if arch not in VIT_SIZES:
@@ -79,6 +80,9 @@ class VisionTransformer(nn.Module):
         self.embed_dim = size.embed_dim
         self.num_heads = size.num_heads
         self.attn_impl = attn_impl
+        if gather_impl not in GATHER_IMPLS:
+            raise ValueError(f"unknown gather implementation {gather_impl!r}; choose one of {', '.join(GATHER_IMPLS)}")
+        self.gather_impl = gather_impl
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, size.embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, size.embed_dim))
@@ -108,7 +112,7 @@ class VisionTransformer(nn.Module):
             x = (x + self.pos_embed).reshape(batch * num_patches, dim)
             seqs = Seqs.uniform(batch, num_patches, x.device)
         else:
-            x = gather_with_pos(x, keep, self.pos_embed[0], self.attn_impl)
+            x = gather_with_pos(x, keep, self.pos_embed[0], self.gather_impl)
             seqs = keep.seqs
         prepare_layout(seqs, x.shape[0], self.attn_impl)
         for block in self.blocks:
@@ -139,13 +143,12 @@ class VisionTransformer(nn.Module):
 
 
 def gather_with_pos(x: torch.Tensor, keep: TokenSelection, pos_embed: torch.Tensor, impl: str) -> torch.Tensor:
-    """Kept tokens of each image, packed, with their position embeddings added.
+    """Kept tokens of each image, packed, with their position embeddings added; ``impl``
+    (``GATHER_IMPLS``): PyTorch index ops, or the fused Triton kernel.
 
     The sum is in the promoted dtype, as ``x + pos_embed`` is for all patches: under bf16
     autocast (bf16 patch tokens, fp32 buffer) the residual stream starts in fp32 in both
     encoders, so the context encoder computes what the target encoder does on its tokens."""
-    from scalejepa import kernels
-
     dtype = torch.promote_types(x.dtype, pos_embed.dtype)
     x, pos_embed = x.to(dtype), pos_embed.to(dtype)
     if impl == "triton":

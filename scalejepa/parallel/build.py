@@ -28,7 +28,9 @@ from scalejepa.ijepa import IJEPA, build_models
 from scalejepa.init_from import InitWeights
 from scalejepa.models.vit import VisionTransformer
 from scalejepa.parallel.blocks import apply_block_options
+from scalejepa.parallel.deepspeed import wrap_deepspeed
 from scalejepa.parallel.engine import Engine, TorchEngine, build_optimizer, materialize
+from scalejepa.parallel.fsdp import wrap_fsdp2
 from scalejepa.parallel.precision import autocast_dtype
 
 
@@ -36,10 +38,11 @@ def check_device_support(config: Config, device: torch.device) -> None:
     impl, sdpa_backend = config.model.attn_impl, config.model.sdpa_backend
     if impl == "flex" and device.type == "cpu":
         raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use sdpa")
-    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(
-            "model.attn_impl=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; for tests): use sdpa"
-        )
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        for key, value, instead in (("attn_impl", impl, "sdpa"), ("gather_impl", config.model.gathers, "torch")):
+            if value == "triton":
+                raise ConfigError(f"model.{key}=triton on CPU needs the Triton interpreter (TRITON_INTERPRET=1, slow; "
+                                  f"for tests): use model.{key}={instead}")
     if impl == "torch_varlen":
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             raise ConfigError(f"model.attn_impl=torch_varlen needs torch >= 2.10 (this is {torch.__version__}): "
@@ -74,9 +77,9 @@ def build_engine(config: Config, env: DistEnv, init: InitWeights | None = None, 
     if backend == "none":
         wrap = wrap_single_device
     elif backend == "fsdp2":
-        from scalejepa.parallel.fsdp import wrap_fsdp2 as wrap
+        wrap = wrap_fsdp2
     elif backend == "deepspeed":
-        from scalejepa.parallel.deepspeed import wrap_deepspeed as wrap
+        wrap = wrap_deepspeed
     else:
         raise ConfigError(f"unknown distributed.backend={backend!r}; choose none, fsdp2 or deepspeed")
     torch.manual_seed(config.train.seed)

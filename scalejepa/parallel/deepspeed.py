@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 def _import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
+    try:  # optional (the [deepspeed] extra), and DS_ACCELERATOR must be set before it is imported
         import deepspeed
     except ImportError as exc:
         raise ConfigError(

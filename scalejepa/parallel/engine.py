@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
 from torch.profiler import record_function
 
 from scalejepa.ema import EMA
@@ -107,8 +108,6 @@ def materialize(device: torch.device, *modules: nn.Module) -> bool:
     FSDP2-sharded modules take ``to_empty`` (FSDP2's deferred-initialisation path). Plain
     modules get new tensors in place of the meta ones: ``to_empty`` would try to swap the
     fake meta tensors of a planner trace in place, which fake tensors refuse."""
-    from torch.distributed.fsdp import FSDPModule
-
     meta = [m for m in modules if any(p.is_meta for p in m.parameters())]
     for module in meta:
         if isinstance(module, FSDPModule):

@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from scalejepa.config import Config, ConfigError, divide_batch, validate
+from scalejepa.config import Config, ConfigError, divide_batch
 from scalejepa.dist_env import DistEnv, all_reduce_mean
 from scalejepa.masks import MaskGenerator, mask_rng
 from scalejepa.parallel import build_engine
@@ -156,7 +156,6 @@ def planning_config(config: Config) -> Config:
 
 def check_plannable(config: Config, world_size: int) -> int:
     """Training's own checks for this world size; returns the per-rank batch."""
-    validate(config)
     per_rank = divide_batch(config.train.batch_size, world_size, config.train.grad_accum)
     if config.distributed.backend == "none" and world_size > 1:
         raise ConfigError(f"distributed.backend=none runs one process, not {world_size}: "

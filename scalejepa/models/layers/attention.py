@@ -8,6 +8,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from scalejepa.kernels import varlen_attention
 
 from .seqs import Seqs
 
@@ -32,8 +36,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: 
         with sdpa_backend_pinned(sdpa_backend):
             return _padded(q, k, v, seqs, F.scaled_dot_product_attention)
     if impl == "triton":
-        from scalejepa.kernels import varlen_attention
-
         # Seqs comes from lengths known on the host: skip the kernel's (syncing) offset check.
         return varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, validate=False)
     if impl == "flex":
@@ -42,7 +44,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Seqs, impl: 
         with sdpa_backend_pinned(sdpa_backend):
             return _nested(q, k, v, seqs)
     if impl == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # here: torch >= 2.10 only
 
         # Positional: torch 2.10 names the causal switch is_causal, later ones window_size;
         # both default to full (bidirectional) attention.
@@ -56,8 +58,6 @@ def sdpa_backend_pinned(name: str):
     """A context in which SDPA may only use backend ``name`` (``auto``: no constraint)."""
     if name == "auto":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     if name not in backends:
@@ -119,7 +119,6 @@ def _nested(q, k, v, seqs: Seqs) -> torch.Tensor:
 
 def _flex_block_mask(seqs: Seqs, total: int, device: torch.device):
     """The document mask of the packed sequence (tokens attend within their own sequence)."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def build():
         seq_ids = seqs.token_seq_ids(total)
@@ -144,8 +143,6 @@ _compiled_flex = None
 def _flex_fn(device: torch.device):
     """FlexAttention is only fused when compiled; eager (used on CPU) is a slow reference."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
