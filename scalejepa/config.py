@@ -13,12 +13,7 @@ is written into the run directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,41 +21,23 @@ import yaml
 
 from scalejepa.io import atomic_write_text
 from scalejepa.preempt import parse_signals
+from scalejepa.schema import Checked, Schema, to_plain
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
-class _Section:
+CONFIG = Schema("config", ConfigError, package="scalejepa.configs", named="preset")
+
+
+class _Section(Checked):
     """A config section: building one (directly, from YAML or by ``dataclasses.replace``)
     checks every field against its type and choices, then the rules between its fields
-    (:meth:`_check`), so that a section that exists is valid. ``SECTION``: its key in
+    (``_check``), so that a section that exists is valid. ``SECTION``: its key in
     :class:`Config`, for messages."""
 
-    SECTION = ""
-
-    def __post_init__(self) -> None:
-        for key, tp in _field_types(type(self)).items():
-            value = getattr(self, key)
-            checked = _coerce(value, tp, f"{self.SECTION}.{key}")
-            if checked is not value:  # e.g. a YAML list made a tuple, an int made a float
-                object.__setattr__(self, key, checked)  # frozen: set once, here
-        self._check()
-
-    def _check(self) -> None:
-        """Rules between this section's fields."""
-
-    def _at_least(self, minimum: int, *names: str) -> None:
-        for name in names:
-            if getattr(self, name) < minimum:
-                raise ConfigError(f"{self.SECTION}.{name}={getattr(self, name)} must be >= {minimum}")
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    SCHEMA = CONFIG
 
 
 @dataclass(frozen=True)
@@ -353,39 +330,20 @@ class Config:
                 raise TypeError(f"Config.{f.name} must be a {f.default_factory.__name__}, got {section!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
 
 # ----------------------------------------------------------------------------- presets
 
 
-def preset_names() -> list[str]:
-    folder = resources.files("scalejepa.configs")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_path(name_or_path: str) -> Path:
-    """A preset name (``debug_cpu``) or a path to a YAML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise ConfigError(f"config file {name_or_path!r} does not exist")
-        return candidate
-    path = Path(str(resources.files("scalejepa.configs") / f"{name_or_path}.yaml"))
-    if not path.is_file():
-        raise ConfigError(
-            f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())} (or pass a path to a YAML file)"
-        )
-    return path
+preset_names = CONFIG.names  # the shipped presets (scalejepa/configs/*.yaml)
+preset_path = CONFIG.path  # a preset's name (debug_cpu) or a path to a YAML file -> its path
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Preset + dotted overrides -> a :class:`Config` (valid: its sections check themselves)."""
     path = preset_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = CONFIG.read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     for item in overrides:
@@ -414,7 +372,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, prefix="")
+    return CONFIG.build(Config, raw)
 
 
 PRESET_HEADER = "# preset: "  # config.yaml's first line: the preset (or YAML file) the config came from
@@ -433,93 +391,6 @@ def preset_of(config_file: str | Path) -> str | None:
     """The preset a saved config names on its first line, if any."""
     first = Path(config_file).read_text().partition("\n")[0]
     return first.removeprefix(PRESET_HEADER) if first.startswith(PRESET_HEADER) else None
-
-
-# ----------------------------------------------------------------------------- checking
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(
-                f"unknown config key {prefix}{key}{hint}; keys of {prefix.rstrip('.') or 'the config'}: "
-                f"{', '.join(fields)}"
-            )
-        hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = _build(hint_type, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hint_type, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        for choice in choices:
-            if value == choice and type(value) is type(choice):
-                return choice
-            if isinstance(choice, int) and isinstance(value, str) and value == str(choice):
-                return choice
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            value = [yaml.safe_load(v) for v in value]
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key} needs {len(args)} values like [{', '.join(a.__name__ for a in args)}], got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}={value!r}: " + "; ".join(errors))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if tp is str:
-        if value is None:
-            return ""
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r} must be a string")
-    raise TypeError(f"config field {key} has an unsupported type {tp}")
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def divide_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
