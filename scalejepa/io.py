@@ -8,6 +8,7 @@ the new one, never half of one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -37,15 +38,16 @@ def fsync_tree(path: str | Path) -> None:
         fsync_dir(folder)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int = 0o666) -> Path:
     """``write(file)`` into a temp file next to ``path``, then fsync + rename + fsync dir.
-    On any error the temp file is removed and ``path`` is untouched."""
+    On any error the temp file is removed and ``path`` is untouched. ``mode``: the new
+    file's permissions before the umask (0o777 for a script)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    # O_EXCL: never write into another writer's temp file; mode 0o666 so that the umask
-    # applies as for any new file (tempfile.mkstemp would make it owner-only).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # O_EXCL: never write into another writer's temp file; the umask applies to ``mode``
+    # as for any new file (tempfile.mkstemp would make it owner-only).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -63,8 +65,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, mode: int = 0o666) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), mode)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented JSON, one trailing newline."""
+    return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -15,7 +15,20 @@
     RUN/run.lock                        held by rank 0 while a run is alive (scalejepa.run_lock)
     RUN/PREEMPTED                       the last run stopped on a signal, with a checkpoint (scalejepa.preempt)
 
-Training, evaluation and export all read these names from here.
+A sweep directory (``scalejepa-sweep``) holds one run directory per planned run::
+
+    SWEEP/plan.json                     the planned runs and jobs (scalejepa.sweep.records)
+    SWEEP/runs/NAME/                    a run directory as above, plus what the sweep writes in it:
+        sweep_result.json               written last, when the run is trained and probed: it is finished
+        sweep.log                       the training and probe commands and their output
+        probe_knn.json, probe_linear.json   the probes' results
+    SWEEP/runs.jsonl                    one row per finished run (scalejepa-sweep collect)
+    SWEEP/fit.json, SWEEP/forecast.json the fitted laws, the forecast of the largest budget
+    SWEEP/report/                       plots and summary.md
+    SWEEP/logs/job_0000.log             each local worker's output (slurm-%A_%a.out: each array task's)
+    SWEEP/slurm/sweep.sbatch            the SLURM array script
+
+Training, evaluation, export and sweeps all read these names from here.
 """
 
 from __future__ import annotations
@@ -123,3 +136,75 @@ class RunDir:
 
     def looks_like_run(self) -> bool:
         return self.checkpoints.is_dir() or self.config.is_file()
+
+
+# The sweep directory (scalejepa-sweep).
+PLAN_FILE = "plan.json"
+SWEEP_RUNS_DIR = "runs"
+SWEEP_RESULT_FILE = "sweep_result.json"
+SWEEP_LOG_FILE = "sweep.log"
+ROWS_FILE = "runs.jsonl"
+FIT_FILE = "fit.json"
+FORECAST_FILE = "forecast.json"
+REPORT_DIR = "report"
+LOGS_DIR = "logs"
+SLURM_SCRIPT = "slurm/sweep.sbatch"
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def plan(self) -> Path:
+        return self.root / PLAN_FILE
+
+    @property
+    def rows(self) -> Path:
+        return self.root / ROWS_FILE
+
+    @property
+    def fit(self) -> Path:
+        return self.root / FIT_FILE
+
+    @property
+    def forecast(self) -> Path:
+        return self.root / FORECAST_FILE
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS_DIR
+
+    @property
+    def slurm_script(self) -> Path:
+        return self.root / SLURM_SCRIPT
+
+    def job_log(self, job: int) -> Path:
+        return self.logs / f"job_{job:04d}.log"
+
+    @property
+    def slurm_log_pattern(self) -> Path:
+        """sbatch's --output: %A the array's job id, %a the task's index."""
+        return self.logs / "slurm-%A_%a.out"
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.root / SWEEP_RUNS_DIR / name)
+
+    def result(self, name: str) -> Path:
+        return self.run(name).root / SWEEP_RESULT_FILE
+
+    def run_log(self, name: str) -> Path:
+        return self.run(name).root / SWEEP_LOG_FILE
+
+    def probe_result(self, name: str, protocol: str) -> Path:
+        return self.run(name).root / f"probe_{protocol}.json"
+
+    def is_finished(self, name: str) -> bool:
+        return self.result(name).is_file()
