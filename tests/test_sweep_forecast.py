@@ -2,15 +2,20 @@
 intervals, write forecast.json before the held-out runs exist, add the measurement later
 without refitting, and judge it (within 10% and N_opt inside the interval)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from scalejepa.layout import SweepDir
 from scalejepa.sweep.cli import main
 from scalejepa.sweep.forecast import forecast_rows
-from scalejepa.sweep.plan import PLAN_FORMAT
+from scalejepa.sweep.plan import plan_sweep
+from scalejepa.sweep.records import Action, save_plan
+from scalejepa.sweep.spec import spec_from_dict
 from test_sweep_fit import TRUTH, chinchilla_rows
+from test_sweep_plan import MICRO
 
 BUDGETS = np.logspace(15, 19, 5)
 
@@ -47,9 +52,13 @@ def test_forecast_of_a_known_law_counts():
 
 
 def write_sweep(tmp_path, rows):
-    """A sweep directory as plan and collect leave it: plan.json (every budget) and runs.jsonl."""
-    runs = [{"name": f"r{i}", "budget": r["budget"], "flops_est": r["flops"]} for i, r in enumerate(isoflop_rows(0))]
-    (tmp_path / "plan.json").write_text(json.dumps({"format": PLAN_FORMAT, "runs": runs}))
+    """A sweep directory as plan and collect leave it: plan.json (every budget) and runs.jsonl.
+    The plan's runs are a micro plan's, given the synthetic rows' budgets and FLOPs."""
+    template = plan_sweep(spec_from_dict(MICRO))
+    runs = tuple(dataclasses.replace(template.runs[0], name=f"r{i}", budget=r["budget"], flops_est=r["flops"])
+                 for i, r in enumerate(isoflop_rows(0)))
+    save_plan(dataclasses.replace(template, runs=runs, jobs=tuple((Action("run", r.name),) for r in runs)),
+              SweepDir(tmp_path))
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps({**r, "run": f"r{i}"}) + "\n" for i, r in enumerate(rows)))
 
 

@@ -31,10 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from scalejepa.sweep.collect import CollectError
-from scalejepa.sweep.fit import FitError
+from scalejepa.io import atomic_write_json
+from scalejepa.layout import FORECAST_FILE, SweepDir
+from scalejepa.sweep import forecast as fc
+from scalejepa.sweep import runner
+from scalejepa.sweep.collect import CollectError, collect, read_rows
+from scalejepa.sweep.fit import FitError, contract_line, fit_all, rows_from_dicts
+from scalejepa.sweep.plan import check_probe_data, format_table, plan_sweep
+from scalejepa.sweep.records import load_plan, save_plan
+from scalejepa.sweep.report import write_report
 from scalejepa.sweep.runner import SweepRunError
-from scalejepa.sweep.spec import SweepSpecError
+from scalejepa.sweep.spec import SweepSpecError, load_spec, spec_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,104 +104,81 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from scalejepa.sweep import plan as plan_mod
-    from scalejepa.sweep import runner
-
+    folder = args.out if args.command == "plan" else args.dir  # fit and forecast may take --runs instead
+    sweep = SweepDir(folder) if folder else None
     if args.command == "plan":
-        from scalejepa.sweep.spec import load_spec, spec_path
-
-        plan = plan_mod.plan_sweep(load_spec(args.spec), str(spec_path(args.spec)))
-        print(plan_mod.format_table(plan))
-        plan_mod.write_json(args.out / "plan.json", plan)
-        print(f"plan: {args.out / 'plan.json'}")
+        plan = plan_sweep(load_spec(args.spec), str(spec_path(args.spec)))
+        print(format_table(plan))
+        print(f"plan: {save_plan(plan, sweep)}")
         return 0
     if args.command == "run":
-        plan_mod.check_probe_data_of(plan_mod.load_plan(args.dir))
+        check_probe_data(load_plan(sweep).spec)
         if args.launcher == "slurm":
-            print(f"slurm script: {runner.run_slurm(args.dir, submit=not args.no_submit, hold_out_largest=args.hold_out_largest)}")
+            print(f"slurm script: {runner.run_slurm(sweep, submit=not args.no_submit, hold_out_largest=args.hold_out_largest)}")
             return 0
         if args.parallel < 1:
             raise SweepRunError("--parallel must be >= 1")
-        failed = runner.run_local(args.dir, args.parallel, hold_out_largest=args.hold_out_largest)
+        failed = runner.run_local(sweep, args.parallel, hold_out_largest=args.hold_out_largest)
         return 1 if failed else 0
     if args.command == "worker":
-        runner.run_job(args.dir, args.job, args.launcher, hold_out_largest=args.hold_out_largest)
+        runner.run_job(sweep, args.job, args.launcher, hold_out_largest=args.hold_out_largest)
         return 0
     if args.command == "collect":
-        from scalejepa.sweep.collect import collect
-
-        path, count, missing = collect(args.dir)
+        path, count, missing = collect(sweep)
         print(f"collect: {count} finished runs -> {path}" + (f"; not finished: {', '.join(missing)}" if missing else ""))
         return 0
     if args.command == "fit":
         # Fits the rows cannot support are named (errors, undetermined); only if none can be made is it an error.
-        result = _fit(args, args.runs if args.runs else _runs_file(args), strict=False)
+        result = _fit(args, args.runs if args.runs else _sweep_given(sweep).rows, strict=False)
         if len(result["errors"]) == 3:  # parametric, isoflop and frontier
             raise FitError("; ".join(f"{name}: {message}" for name, message in result["errors"].items()))
-        from scalejepa.sweep.fit import contract_line
-
-        if args.dir:
-            plan_mod.write_json(args.dir / "fit.json", result)
+        if sweep:
+            atomic_write_json(sweep.fit, result)
         print(_fit_text(result))
         print(json.dumps(contract_line(result)))
         return 0
     if args.command == "forecast":
-        from scalejepa.sweep.forecast import summary_text
-
-        result = _forecast(args)
-        print(summary_text(result))
+        result = _forecast(args, sweep)
+        print(fc.summary_text(result))
         print(json.dumps({k: v for k, v in result.items() if k not in ("fit_runs", "measured_vs_law")}))
         return 0
     if args.command == "report":
-        from scalejepa.sweep.report import write_report
-
-        result = _fit(args, _runs_file(args), strict=False)
-        plan_mod.write_json(args.dir / "fit.json", result)
+        result = _fit(args, _sweep_given(sweep).rows, strict=False)
+        atomic_write_json(sweep.fit, result)
         for name, message in result["errors"].items():
             print(f"report: the {name} fit failed: {message}", file=sys.stderr)
-        print(f"report: {write_report(args.dir, result, args.metric, _report_forecast(args))}")
+        print(f"report: {write_report(sweep, result, args.metric, _report_forecast(args, sweep))}")
         return 0
     raise AssertionError(args.command)
 
 
-def _runs_file(args: argparse.Namespace) -> Path:
-    if not args.dir:
+def _sweep_given(sweep: SweepDir | None) -> SweepDir:
+    if sweep is None:
         raise FitError("give a sweep directory or --runs FILE.jsonl")
-    return args.dir / "runs.jsonl"
+    return sweep
 
 
 def _fit(args: argparse.Namespace, path: Path, strict: bool) -> dict:
-    from scalejepa.sweep.collect import read_rows
-    from scalejepa.sweep.fit import fit_all, rows_from_dicts
-
     rows = rows_from_dicts(read_rows(path), args.metric)
     return fit_all(rows, bootstrap=args.bootstrap, seed=args.seed, at_flops=args.at_flops, metric=args.metric,
                    strict=strict)
 
 
-def _forecast(args: argparse.Namespace) -> dict:
+def _forecast(args: argparse.Namespace, sweep: SweepDir | None) -> dict:
     """A new forecast, or the existing one with the held-out runs' measurement added."""
-    from scalejepa.io import atomic_write_text
-    from scalejepa.sweep import forecast as fc
-    from scalejepa.sweep import plan as plan_mod
-    from scalejepa.sweep.collect import read_rows
-
     if args.runs:
         rows = read_rows(args.runs)
-        out = args.out or args.runs.parent / "forecast.json"
+        out = args.out or args.runs.parent / FORECAST_FILE
         held_out = max(float(r["budget"]) for r in rows if r.get("budget") is not None) if rows else None
         if held_out is None:
             raise FitError(f"{args.runs}: no row has a budget: a forecast holds out the largest budget")
-        budget_flops = float(np.exp(np.mean([np.log(float(r["flops"])) for r in rows if float(r["budget"]) == held_out])))
+        budget_flops = _geomean([float(r["flops"]) for r in rows if float(r["budget"]) == held_out])
     else:
-        if not args.dir:
-            raise FitError("give a sweep directory or --runs FILE.jsonl")
-        plan = plan_mod.load_plan(args.dir)
-        held_out = max(r["budget"] for r in plan["runs"])
-        held = [r for r in plan["runs"] if r["budget"] == held_out]
-        budget_flops = float(np.exp(np.mean([np.log(r["flops_est"]) for r in held])))
-        rows = read_rows(args.dir / "runs.jsonl")
-        out = args.out or args.dir / "forecast.json"
+        plan = load_plan(_sweep_given(sweep))
+        held_out = plan.largest_budget
+        budget_flops = _geomean([r.flops_est for r in plan.runs if r.budget == held_out])
+        rows = read_rows(sweep.rows)
+        out = args.out or sweep.forecast
     if out.is_file() and not args.refit:
         existing = json.loads(out.read_text())
         if existing.get("format") != fc.FORMAT or existing["metric"] != args.metric or existing["budget"] != held_out:
@@ -203,27 +187,27 @@ def _forecast(args: argparse.Namespace) -> dict:
         result = fc.add_measurement(existing, rows)
     else:
         result = fc.forecast_rows(rows, args.metric, held_out, budget_flops)
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out, result)
     print(f"forecast: {out}", file=sys.stderr)
     return result
 
 
-def _report_forecast(args: argparse.Namespace) -> dict:
+def _geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def _report_forecast(args: argparse.Namespace, sweep: SweepDir) -> dict:
     """DIR/forecast.json when it forecasts this metric; else a leave-the-largest-budget-out
     check made now, from rows that include the largest budget (said so in the report)."""
-    from scalejepa.sweep import forecast as fc
-    from scalejepa.sweep.collect import read_rows
-
-    path = args.dir / "forecast.json"
-    if path.is_file():
-        existing = json.loads(path.read_text())
+    if sweep.forecast.is_file():
+        existing = json.loads(sweep.forecast.read_text())
         if existing.get("metric") == args.metric:
             return existing
-    rows = read_rows(_runs_file(args))
+    rows = read_rows(sweep.rows)
     budgets = sorted({float(r["budget"]) for r in rows if r.get("budget") is not None})
     if len(budgets) < 3:
         return {"skipped": f"{len(budgets)} budgets: a forecast needs at least 2 to fit and 1 to hold out"}
-    flops = float(np.exp(np.mean([np.log(float(r["flops"])) for r in rows if float(r["budget"]) == budgets[-1]])))
+    flops = _geomean([float(r["flops"]) for r in rows if float(r["budget"]) == budgets[-1]])
     try:
         return fc.forecast_rows(rows, args.metric, budgets[-1], flops)
     except FitError as exc:

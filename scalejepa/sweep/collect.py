@@ -19,14 +19,15 @@ predictor's and the non-embedding counts are recorded next to it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from scalejepa import flops
 from scalejepa.config import load_config
-from scalejepa.sweep.plan import load_plan
-from scalejepa.sweep.runner import RESULT_FILE, run_dir
+from scalejepa.data.cache import builtin_shards, resolve_shards
+from scalejepa.io import atomic_write_text
+from scalejepa.layout import RunDir, SweepDir
+from scalejepa.sweep.records import PlannedRun, RunResult, load_plan
 
 FLOPS_CONVENTION = ("scalejepa.flops model FLOPs of training (target fwd + context fwd/bwd + predictor fwd/bwd, "
                     "matmuls only); params = encoder parameters")
@@ -73,8 +74,6 @@ def window_totals(config, records: list[dict[str, Any]], start_step: int, end_st
 
 def images_per_epoch(config) -> int | None:
     """Images in the run's training set (its shard index's count), None where unknown."""
-    from scalejepa.data.cache import builtin_shards, resolve_shards
-
     if config.data.synthetic:
         return None
     if config.data.num_samples:
@@ -83,52 +82,50 @@ def images_per_epoch(config) -> int | None:
     return (resolve_shards(spec)[1] or {}).get("samples")
 
 
-def collect_row(sweep_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
-    out = run_dir(sweep_dir, run["name"])
-    result = json.loads((out / RESULT_FILE).read_text())
-    config = load_config(str(out / "config.yaml"))
-    records = read_metrics(out / "metrics.jsonl")
-    start = run["from_step"] or 0
-    own = window_totals(config, records, start, run["steps"])
-    if run["parent"]:
-        parent_dir = run_dir(sweep_dir, run["parent"])
-        inherited = window_totals(load_config(str(parent_dir / "config.yaml")),
-                                  read_metrics(parent_dir / "metrics.jsonl"), 0, start)
+def _logged(run: RunDir):
+    """A run's resolved config and its metrics records."""
+    return load_config(str(run.config)), read_metrics(run.metrics)
+
+
+def collect_row(sweep: SweepDir, run: PlannedRun) -> dict[str, Any]:
+    result = RunResult.load(sweep, run.name)
+    config, records = _logged(sweep.run(run.name))
+    start = run.from_step or 0
+    own = window_totals(config, records, start, run.steps)
+    if run.parent:
+        inherited = window_totals(*_logged(sweep.run(run.parent)), 0, start)
         own = {k: own[k] + inherited[k] for k in own}
     counts = flops.param_counts(config)
     last = max(records, key=lambda r: r["step"])
     epoch = images_per_epoch(config)
     return {
-        "run": run["name"], "shape": run["shape"], "seed": run["seed"],
-        "budget": run["budget"], "budget_unit": run["budget_unit"], "steps": run["steps"],
+        "run": run.name, "shape": run.shape, "seed": run.seed,
+        "budget": run.budget, "budget_unit": run.budget_unit, "steps": run.steps,
         "params": counts["encoder"], "params_encoder": counts["encoder"], "params_predictor": counts["predictor"],
         "params_non_embedding": counts["encoder_non_embedding"],
-        "flops": own["flops"], "flops_planned": run["flops_est"], "images": own["images"],
+        "flops": own["flops"], "flops_planned": run.flops_est, "images": own["images"],
         # images seen (the law's D) against distinct images: past ~4 epochs repeats are worth
         # less than new images (Muennighoff et al. 2023), and D becomes ambiguous.
         "unique_images": None if epoch is None else min(own["images"], epoch), "images_per_epoch": epoch,
         "epochs": None if not epoch else own["images"] / epoch,
-        "train_loop_s": own["loop_s"], "train_wall_s": result["train_wall_s"], "device": result["device"],
-        **result["metrics"],
+        "train_loop_s": own["loop_s"], "train_wall_s": result.train_wall_s, "device": result.device,
+        **result.metrics,
         "final_train_loss": _scalar(last, "train/loss"),  # recorded; not comparable across sizes, never fitted
-        "branch_of": run["parent"], "branch_step": run["from_step"],
-        "flops_convention": FLOPS_CONVENTION, "finished": result["finished"], "config": config.to_dict(),
+        "branch_of": run.parent, "branch_step": run.from_step,
+        "flops_convention": FLOPS_CONVENTION, "finished": result.finished, "config": config.to_dict(),
     }
 
 
-def collect(sweep_dir: Path) -> tuple[Path, int, list[str]]:
+def collect(sweep: SweepDir) -> tuple[Path, int, list[str]]:
     """Write DIR/runs.jsonl; returns its path, the row count and the unfinished runs."""
-    plan = load_plan(sweep_dir)
+    plan = load_plan(sweep)
     rows, missing = [], []
-    for run in plan["runs"]:
-        if (run_dir(sweep_dir, run["name"]) / RESULT_FILE).is_file():
-            rows.append(collect_row(sweep_dir, run))
+    for run in plan.runs:
+        if sweep.is_finished(run.name):
+            rows.append(collect_row(sweep, run))
         else:
-            missing.append(run["name"])
-    path = Path(sweep_dir) / "runs.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+            missing.append(run.name)
+    path = atomic_write_text(sweep.rows, "".join(json.dumps(row) + "\n" for row in rows))
     return path, len(rows), missing
 
 

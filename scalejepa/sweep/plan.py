@@ -14,19 +14,18 @@ from that checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from scalejepa import flops
 from scalejepa.config import ConfigError, load_config
+from scalejepa.data.cache import resolve_shards
+from scalejepa.data.shard_index import ShardIndexError
 from scalejepa.schedules import wsd_branch_step
+from scalejepa.sweep.records import Action, Plan, PlannedRun
 from scalejepa.sweep.spec import ShapeSpec, SweepSpec, SweepSpecError
-
-PLAN_FORMAT = "scalejepa-sweep-plan"
-PLAN_VERSION = 1
 
 
 def override_text(key: str, value: Any) -> str:
@@ -67,9 +66,6 @@ def _config(spec: SweepSpec, overrides: list[str], what: str):
 
 def check_probe_data(spec: SweepSpec) -> None:
     """The labeled shard sets the probes need must resolve (a builtin set is built now)."""
-    from scalejepa.data.cache import resolve_shards
-    from scalejepa.data.shard_index import ShardIndexError
-
     for key in ("train_shards", "val_shards"):
         value = getattr(spec.probe, key)
         if not value:
@@ -80,11 +76,11 @@ def check_probe_data(spec: SweepSpec) -> None:
             raise SweepSpecError(f"probe.{key}={value!r}: the probe data set is missing or unreadable: {exc}") from None
 
 
-def plan_sweep(spec: SweepSpec, spec_source: str = "") -> dict[str, Any]:
+def plan_sweep(spec: SweepSpec, spec_source: str = "") -> Plan:
     check_probe_data(spec)
     s = spec.schedule
-    runs: list[dict[str, Any]] = []
-    jobs: list[list[dict[str, Any]]] = []
+    runs: list[PlannedRun] = []
+    jobs: list[tuple[Action, ...]] = []
     step_seconds = _step_time_estimator(spec)
     for seed in spec.seeds:
         for shape in spec.shapes:
@@ -113,45 +109,32 @@ def plan_sweep(spec: SweepSpec, spec_source: str = "") -> dict[str, Any]:
                 overrides = run_overrides(spec, shape, seed, steps, warmup, keep)
                 name = f"{shape.label()}_{budget_label(spec.budgets.unit, value)}_s{seed}"
                 _config(spec, overrides, f"run {name}")
-                members.append({
-                    "name": name, "shape": shape.label(), "shape_spec": vars(shape), "seed": seed,
-                    "budget": value, "budget_unit": spec.budgets.unit, "steps": steps, "warmup_steps": warmup,
-                    "batch_size": probe.train.batch_size, "images": steps * probe.train.batch_size,
-                    "flops_per_image_est": per_image, "flops_est": steps * per_step, "step_s_est": step_s,
-                    "params": params, "base": spec.base, "overrides": overrides,
-                    "parent": None, "from_step": None,
-                })
+                members.append(PlannedRun(
+                    name=name, shape=shape.label(), shape_spec=shape, seed=seed, budget=value,
+                    budget_unit=spec.budgets.unit, steps=steps, warmup_steps=warmup,
+                    batch_size=probe.train.batch_size, images=steps * probe.train.batch_size,
+                    flops_per_image_est=per_image, flops_est=steps * per_step, step_s_est=step_s, params=params,
+                    base=spec.base, overrides=overrides,
+                ))
+            if s.branch:
+                members, job = _branch_job(members, s.decay_fraction)
+                jobs.append(job)
+            else:
+                jobs += [(Action("run", m.name),) for m in members]
             runs += members
-            jobs += _branch_jobs(members, s.decay_fraction) if s.branch else [[{"kind": "run", "run": m["name"]}]
-                                                                               for m in members]
-    total = sum(r["flops_est"] for r in runs)
-    spent = sum(r["flops_est"] - (r["from_step"] or 0) * r["batch_size"] * r["flops_per_image_est"] for r in runs)
-    wall = sum((r["steps"] - (r["from_step"] or 0)) * r["step_s_est"] for r in runs)
-    return {
-        "format": PLAN_FORMAT, "version": PLAN_VERSION, "name": spec.name, "spec_source": spec_source,
-        "spec": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "runs": runs, "jobs": jobs,
-        "totals": {"runs": len(runs), "flops_of_runs": total, "flops_to_train": spent,
-                   "est_wall_s": wall, "est_source": _estimate_source(spec)},
-    }
+    return Plan(name=spec.name, spec_source=spec_source, spec=spec,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), runs=tuple(runs), jobs=tuple(jobs))
 
 
 def _step_time_estimator(spec: SweepSpec):
     """Seconds per optimizer step of a run's config: scalejepa-plan's predicted step on
     ``estimate.gpus``, or the step's FLOPs at ``estimate.gflops_per_s``."""
-    if not spec.estimate.gpus:
+    cluster = spec.estimate.cluster()
+    if cluster is None:
         return lambda config, step_flops: step_flops / (spec.estimate.gflops_per_s * 1e9)
-    from scalejepa.plan.hardware import parse_cluster  # traces on fake tensors: GPU sweeps only
-    from scalejepa.plan.planner import step_seconds
+    from scalejepa.plan.planner import step_seconds  # traces on fake tensors: GPU sweeps only
 
-    cluster = parse_cluster(spec.estimate.gpus)
     return lambda config, step_flops: step_seconds(config, cluster)
-
-
-def _estimate_source(spec: SweepSpec) -> str:
-    if spec.estimate.gpus:
-        return f"scalejepa-plan on {spec.estimate.gpus} (predicted)"
-    return f"an assumed {spec.estimate.gflops_per_s:g} GFLOP/s per run (estimate.gflops_per_s)"
 
 
 def _steps(spec: SweepSpec, value: float, per_step: float, batch: int, shape: ShapeSpec) -> int:
@@ -164,60 +147,34 @@ def _steps(spec: SweepSpec, value: float, per_step: float, batch: int, shape: Sh
     return steps
 
 
-def _branch_jobs(members: list[dict[str, Any]], decay_fraction: float) -> list[list[dict[str, Any]]]:
-    """One job: the longest run in segments, each shorter run branched at its decay start."""
+def _branch_job(members: list[PlannedRun], decay_fraction: float) -> tuple[list[PlannedRun], tuple[Action, ...]]:
+    """One job: the longest run in segments, each shorter run branched at its decay start.
+    Returns the runs (the shorter ones now branches of the longest) and the job."""
     longest = members[-1]
-    actions = []
+    branched, actions = [], []
     for run in members[:-1]:
-        branch = wsd_branch_step(run["steps"], decay_fraction)
-        if branch < run["warmup_steps"]:
-            raise SweepSpecError(f"run {run['name']}: its decay would start at step {branch}, inside the "
-                                 f"{run['warmup_steps']}-step warm-up; lower schedule.warmup_fraction or raise the budget")
+        branch = wsd_branch_step(run.steps, decay_fraction)
+        if branch < run.warmup_steps:
+            raise SweepSpecError(f"run {run.name}: its decay would start at step {branch}, inside the "
+                                 f"{run.warmup_steps}-step warm-up; lower schedule.warmup_fraction or raise the budget")
         if branch < 1:
-            raise SweepSpecError(f"run {run['name']}: {run['steps']} steps leave no stable phase to branch from; "
+            raise SweepSpecError(f"run {run.name}: {run.steps} steps leave no stable phase to branch from; "
                                  "raise the smallest budget")
-        run["parent"], run["from_step"] = longest["name"], branch
-        actions += [{"kind": "segment", "run": longest["name"], "stop_at": branch}, {"kind": "run", "run": run["name"]}]
-    return [actions + [{"kind": "run", "run": longest["name"]}]]
+        branched.append(dataclasses.replace(run, parent=longest.name, from_step=branch))
+        actions += [Action("segment", longest.name, stop_at=branch), Action("run", run.name)]
+    return branched + [longest], (*actions, Action("run", longest.name))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically: a temp file, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def load_plan(sweep_dir: Path) -> dict[str, Any]:
-    path = Path(sweep_dir) / "plan.json"
-    if not path.is_file():
-        raise SweepSpecError(f"{path} does not exist: run `scalejepa-sweep plan SPEC --out {sweep_dir}` first")
-    plan = json.loads(path.read_text())
-    if plan.get("format") != PLAN_FORMAT:
-        raise SweepSpecError(f"{path} is not a scalejepa-sweep plan")
-    return plan
-
-
-def format_table(plan: dict[str, Any]) -> str:
+def format_table(plan: Plan) -> str:
     head = (f"{'run':<36} {'enc params':>10} {'steps':>6} {'images':>8} {'GFLOP/img':>9} {'FLOPs':>9} "
             f"{'est wall':>9}  branch")
     lines = [head, "-" * len(head)]
-    for r in plan["runs"]:
-        trained = r["steps"] - (r["from_step"] or 0)
-        wall = trained * r["step_s_est"]
-        branch = f"from {r['parent']} @ {r['from_step']}" if r["parent"] else ""
-        lines.append(f"{r['name']:<36} {r['params']['encoder']:>10,} {r['steps']:>6} {r['images']:>8} "
-                     f"{r['flops_per_image_est'] / 1e9:>9.4f} {r['flops_est']:>9.3g} {wall:>8.0f}s  {branch}")
-    t = plan["totals"]
-    lines.append(f"{t['runs']} runs in {len(plan['jobs'])} jobs, {t['flops_of_runs']:.3g} FLOPs of runs, "
+    for r in plan.runs:
+        branch = f"from {r.parent} @ {r.from_step}" if r.parent else ""
+        lines.append(f"{r.name:<36} {r.params['encoder']:>10,} {r.steps:>6} {r.images:>8} "
+                     f"{r.flops_per_image_est / 1e9:>9.4f} {r.flops_est:>9.3g} {r.est_wall_s:>8.0f}s  {branch}")
+    t = plan.totals()
+    lines.append(f"{t['runs']} runs in {len(plan.jobs)} jobs, {t['flops_of_runs']:.3g} FLOPs of runs, "
                  f"{t['flops_to_train']:.3g} to train; est. {t['est_wall_s'] / 60:.1f} min of training from "
                  f"{t['est_source']} (probes and start-up not included)")
     return "\n".join(lines)
-
-
-def check_probe_data_of(plan: dict[str, Any]) -> None:
-    """The probe data of a written plan must still resolve before any run starts."""
-    from scalejepa.sweep.spec import spec_from_dict
-
-    check_probe_data(spec_from_dict(plan["spec"]))

@@ -8,30 +8,28 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scalejepa.io import atomic_write, atomic_write_text
+from scalejepa.layout import SweepDir
 from scalejepa.sweep.collect import read_rows
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
-def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str, forecast: dict[str, Any] | None = None) -> Path:
-    import matplotlib
+def write_report(sweep: SweepDir, fit: dict[str, Any], metric: str, forecast: dict[str, Any] | None = None) -> Path:
+    import matplotlib  # ~0.5 s and a backend choice: only the report draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(sweep_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(Path(sweep_dir) / "runs.jsonl")
+    out = sweep.report
+    rows = read_rows(sweep.rows)
     shapes = sorted({r["shape"] for r in rows}, key=lambda s: min(r["params"] for r in rows if r["shape"] == s))
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(shapes))))
 
@@ -83,10 +81,8 @@ def write_report(sweep_dir: Path, fit: dict[str, Any], metric: str, forecast: di
     _save(fig, out / "n_opt.png")
     plt.close(fig)
 
-    summary = out / "summary.md"
-    tmp = summary.with_name("summary.md.tmp")
-    tmp.write_text(summary_markdown(rows, fit, metric, forecast or {"skipped": "no forecast was given"}))
-    os.replace(tmp, summary)
+    atomic_write_text(out / "summary.md",
+                      summary_markdown(rows, fit, metric, forecast or {"skipped": "no forecast was given"}))
     return out
 
 

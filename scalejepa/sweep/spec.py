@@ -1,22 +1,18 @@
-"""Sweep specs: typed dataclasses read from YAML, every key checked.
+"""Sweep specs: typed, frozen dataclasses read from YAML, every key checked.
 
 A spec is a base preset plus overrides for every run, a grid of model shapes, compute
 budgets (FLOPs, steps or images seen), seeds, the schedule, the probe data and the
 metrics. Unknown keys, values of the wrong type and impossible combinations raise
-:class:`SweepSpecError` naming the key, before anything is planned or run.
+:class:`SweepSpecError` naming the key, before anything is planned or run: each part
+checks itself when it is built (``scalejepa.schema``, the loader of the configs too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from scalejepa.schema import Checked, Schema
 
 METRICS = ("knn_err", "linear_err")
 
@@ -25,9 +21,18 @@ class SweepSpecError(ValueError):
     """A sweep spec problem the user can fix; the message says how."""
 
 
-@dataclass
-class ShapeSpec:
+SPEC = Schema("sweep spec", SweepSpecError, package="scalejepa.configs.sweeps", named="sweep spec")
+
+
+class _Part(Checked):
+    SCHEMA = SPEC
+
+
+@dataclass(frozen=True)
+class ShapeSpec(_Part):
     """One model shape: a named size (``arch: vit_small``) or a custom encoder shape."""
+
+    SECTION = "shape"
 
     arch: str = "custom"
     width: int = 0
@@ -57,23 +62,47 @@ class ShapeSpec:
         return enc + (f"-{pred}" if pred else "")
 
 
-@dataclass
-class BudgetSpec:
+@dataclass(frozen=True)
+class BudgetSpec(_Part):
+    SECTION = "budgets"
+
     unit: Literal["flops", "steps", "images"] = "flops"
-    values: list[float] = field(default_factory=list)
+    values: tuple[float, ...] = ()
+
+    def _check(self) -> None:
+        values = list(self.values)
+        if not values:
+            raise SweepSpecError("budgets.values: give at least one compute budget")
+        if any(v <= 0 for v in values):
+            raise SweepSpecError(f"budgets.values={values}: every budget must be > 0")
+        if len(set(values)) != len(values):
+            raise SweepSpecError(f"budgets.values={values} repeats a budget")
 
 
-@dataclass
-class ScheduleSpec:
+@dataclass(frozen=True)
+class ScheduleSpec(_Part):
+    SECTION = "schedule"
+
     kind: Literal["cosine", "wsd"] = "cosine"
     warmup_fraction: float = 0.05  # of each run's steps (of the shortest run of a branched group)
     decay_fraction: float = 0.2  # wsd only
     # wsd only: one long run per shape and seed, shorter budgets branched from its checkpoints.
     branch: bool = False
 
+    def _check(self) -> None:
+        if not 0 <= self.warmup_fraction < 1:
+            raise SweepSpecError(f"schedule.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if not 0 < self.decay_fraction <= 1:
+            raise SweepSpecError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.branch and self.kind != "wsd":
+            raise SweepSpecError("schedule.branch=true needs schedule.kind=wsd (cosine runs depend on their length "
+                                 "from the first step and cannot be branched)")
 
-@dataclass
-class ProbeSpec:
+
+@dataclass(frozen=True)
+class ProbeSpec(_Part):
+    SECTION = "probe"
+
     train_shards: str = "builtin:mnist5k:train"
     val_shards: str = "builtin:mnist5k:val"
     k: int = 20
@@ -83,8 +112,10 @@ class ProbeSpec:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-@dataclass
-class EstimateSpec:
+@dataclass(frozen=True)
+class EstimateSpec(_Part):
+    SECTION = "estimate"
+
     # Where the plan's wall-time column comes from. gpus (KIND:NODESxPER_NODE, as
     # scalejepa-plan takes it; its world size must equal `ranks`): each shape's step is
     # traced and priced by scalejepa-plan (predicted). Empty: an achieved throughput of
@@ -93,26 +124,53 @@ class EstimateSpec:
     gpus: str = ""
     gflops_per_s: float = 50.0
 
+    def _check(self) -> None:
+        if self.gflops_per_s <= 0:
+            raise SweepSpecError("estimate.gflops_per_s must be > 0")
+        self.cluster()  # a GPU kind the planner knows, and a world size
 
-@dataclass
-class SlurmSpec:
+    def cluster(self):
+        """The planner's cluster of one run (``estimate.gpus``), None for a CPU sweep."""
+        if not self.gpus:
+            return None
+        from scalejepa.plan.hardware import parse_cluster  # only GPU sweeps need the planner's table
+
+        try:
+            return parse_cluster(self.gpus)
+        except ValueError as exc:
+            raise SweepSpecError(f"estimate.gpus: {exc}") from None
+
+    def source(self) -> str:
+        """Where the plan's wall-time column comes from, in words."""
+        if self.gpus:
+            return f"scalejepa-plan on {self.gpus} (predicted)"
+        return f"an assumed {self.gflops_per_s:g} GFLOP/s per run (estimate.gflops_per_s)"
+
+
+@dataclass(frozen=True)
+class SlurmSpec(_Part):
+    SECTION = "slurm"
+
     nodes: int = 1
-    gpus_per_node: int = 8
+    gpus_per_node: int = 8  # torchrun processes per node
     cpus_per_task: int = 32
     time: str = "24:00:00"
     partition: str = ""
     account: str = ""
 
+    def _check(self) -> None:
+        self._at_least(1, "nodes", "gpus_per_node", "cpus_per_task")
 
-@dataclass
-class SweepSpec:
+
+@dataclass(frozen=True)
+class SweepSpec(_Part):
     name: str = ""
     base: str = "debug_cpu"  # preset name or YAML path
     overrides: dict[str, Any] = field(default_factory=dict)  # section.key: value, every run
-    shapes: list[ShapeSpec] = field(default_factory=list)
-    budgets: BudgetSpec = field(default_factory=BudgetSpec)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    metrics: list[str] = field(default_factory=lambda: ["knn_err", "linear_err"])
+    shapes: tuple[ShapeSpec, ...] = ()
+    budgets: BudgetSpec = field(default_factory=BudgetSpec)  # no default budget: the spec gives them
+    seeds: tuple[int, ...] = (0,)
+    metrics: tuple[str, ...] = ("knn_err", "linear_err")
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     estimate: EstimateSpec = field(default_factory=EstimateSpec)
@@ -120,146 +178,38 @@ class SweepSpec:
     ranks: int = 1  # processes per run (mask truncation, hence FLOPs, depends on the per-rank batch)
     log_every: int = 1  # metrics.jsonl windows: FLOPs are summed window by window
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+    def _check(self) -> None:
+        """Checks of combinations that need no model or data (``plan`` builds every run's config)."""
+        if not self.shapes:
+            raise SweepSpecError("shapes: give at least one model shape (e.g. {width: 64, depth: 4, heads: 2})")
+        if not self.seeds:
+            raise SweepSpecError("seeds: give at least one seed")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise SweepSpecError(f"metrics={list(self.metrics)}: choose from {', '.join(METRICS)}")
+        for key in self.overrides:
+            if "." not in str(key):
+                raise SweepSpecError(f"overrides: key {key!r} must look like section.key (e.g. optim.lr)")
+        self._at_least(1, "ranks", "log_every")
+        cluster = self.estimate.cluster()
+        if cluster is not None and cluster.world_size != self.ranks:
+            raise SweepSpecError(f"estimate.gpus={self.estimate.gpus} has {cluster.world_size} GPUs but each run "
+                                 f"has ranks={self.ranks}: give the cluster of one run")
 
 # ----------------------------------------------------------------------------- loading
 
 
-def spec_names() -> list[str]:
-    folder = resources.files("scalejepa.configs.sweeps")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def spec_path(name_or_path: str) -> Path:
-    """A shipped spec name (``cpu_demo``) or a path to a YAML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise SweepSpecError(f"sweep spec {name_or_path!r} does not exist")
-        return candidate
-    path = Path(str(resources.files("scalejepa.configs.sweeps") / f"{name_or_path}.yaml"))
-    if not path.is_file():
-        raise SweepSpecError(f"unknown sweep spec {name_or_path!r}; shipped: {', '.join(spec_names())} "
-                             "(or pass a path to a YAML file)")
-    return path
+spec_names = SPEC.names  # the shipped specs (scalejepa/configs/sweeps/*.yaml)
+spec_path = SPEC.path  # a shipped spec's name (cpu_demo) or a path to a YAML file -> its path
 
 
 def load_spec(name_or_path: str) -> SweepSpec:
     path = spec_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepSpecError(f"{path}: not valid YAML: {exc}") from None
-    spec = spec_from_dict(raw)
-    if not spec.name:
-        spec.name = path.stem
-    return spec
+    raw = SPEC.read_yaml(path)
+    if isinstance(raw, dict) and not raw.get("name"):
+        raw = {**raw, "name": path.stem}
+    return spec_from_dict(raw)
 
 
 def spec_from_dict(raw: Any) -> SweepSpec:
-    spec = _build(SweepSpec, raw, "")
-    check_spec(spec)
-    return spec
-
-
-def check_spec(spec: SweepSpec) -> None:
-    """Checks of single values and of combinations that need no model or data."""
-    if not spec.shapes:
-        raise SweepSpecError("shapes: give at least one model shape (e.g. {width: 64, depth: 4, heads: 2})")
-    if not spec.budgets.values:
-        raise SweepSpecError("budgets.values: give at least one compute budget")
-    if any(v <= 0 for v in spec.budgets.values):
-        raise SweepSpecError(f"budgets.values={spec.budgets.values}: every budget must be > 0")
-    if len(set(spec.budgets.values)) != len(spec.budgets.values):
-        raise SweepSpecError(f"budgets.values={spec.budgets.values} repeats a budget")
-    if not spec.seeds:
-        raise SweepSpecError("seeds: give at least one seed")
-    unknown = [m for m in spec.metrics if m not in METRICS]
-    if unknown or not spec.metrics:
-        raise SweepSpecError(f"metrics={spec.metrics}: choose from {', '.join(METRICS)}")
-    for key, value in spec.overrides.items():
-        if "." not in str(key):
-            raise SweepSpecError(f"overrides: key {key!r} must look like section.key (e.g. optim.lr)")
-    s = spec.schedule
-    if not 0 <= s.warmup_fraction < 1:
-        raise SweepSpecError(f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
-    if not 0 < s.decay_fraction <= 1:
-        raise SweepSpecError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
-    if s.branch and s.kind != "wsd":
-        raise SweepSpecError("schedule.branch=true needs schedule.kind=wsd (cosine runs depend on their length "
-                             "from the first step and cannot be branched)")
-    for name in ("ranks", "log_every"):
-        if getattr(spec, name) < 1:
-            raise SweepSpecError(f"{name} must be >= 1")
-    if spec.estimate.gflops_per_s <= 0:
-        raise SweepSpecError("estimate.gflops_per_s must be > 0")
-    if spec.estimate.gpus:
-        from scalejepa.plan.hardware import parse_cluster  # only GPU sweeps need the planner's table
-
-        try:
-            cluster = parse_cluster(spec.estimate.gpus)
-        except ValueError as exc:
-            raise SweepSpecError(f"estimate.gpus: {exc}") from None
-        if cluster.world_size != spec.ranks:
-            raise SweepSpecError(f"estimate.gpus={spec.estimate.gpus} has {cluster.world_size} GPUs but each run "
-                                 f"has ranks={spec.ranks}: give the cluster of one run")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the sweep spec"
-    if not isinstance(raw, dict):
-        raise SweepSpecError(f"{where} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise SweepSpecError(f"unknown sweep spec key {prefix}{key}{hint}; keys of {where}: {', '.join(names)}")
-        kwargs[key] = _value(value, hints[key], f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _value(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise SweepSpecError(f"{key} must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SweepSpecError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise SweepSpecError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SweepSpecError(f"{key}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise SweepSpecError(f"{key}={value!r} must be an integer")
-        return int(value)
-    if tp is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)  # YAML reads 1e12 (no dot) as a string
-        except (TypeError, ValueError):
-            raise SweepSpecError(f"{key}={value!r} must be a number") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise SweepSpecError(f"{key}={value!r} must be a string")
-        return str(value)
-    if tp is Any:
-        return value
-    raise TypeError(f"sweep spec field {key} has an unsupported type {tp}")
+    return SPEC.build(SweepSpec, raw)
