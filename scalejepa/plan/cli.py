@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="section.key=value, as scalejepa-train")
     p.add_argument("--max-batch", action="store_true", help="also find the largest micro-batch per GPU that fits")
     p.add_argument("--recommend", action="store_true",
-                   help="price FSDP2 / HSDP / ZeRO-2, with and without activation checkpointing, and pick one")
+                   help="price FSDP2 / HSDP / ZeRO-2 and -3, with and without activation checkpointing, and pick one")
     p.add_argument("--calibrate", type=Path, default=None, metavar="TRAIN_STEP_JSON",
                    help="fit per-phase efficiencies to a measured benchmarks/train_step.py results file first, "
                         "print the planner's error on each of its variants, and plan with them")

@@ -80,7 +80,7 @@ class Op:
     phase: str
     flops: float  # model FLOPs (2 per multiply-add; an attention backward counts 2x its forward)
     bytes: float  # tensor bytes read + written
-    dtype: str | None  # matmul input dtype ("bfloat16", "float32"), None for non-matmul work
+    dtype: str | None  # matmul input dtype ("torch.bfloat16", "torch.float32"), None for other work
     attention_backward: bool = False  # FlashAttention-style kernels recompute Q K^T: 1.25x the FLOPs run
 
 
